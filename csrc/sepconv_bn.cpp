@@ -1,0 +1,222 @@
+// The op's schema, its argument checks and its CPU kernel.
+//
+// y = act_out(PW(DW(act_in(x))) + bias) + residual, computed in NHWC chunks of output pixels:
+// the depthwise result of a chunk stays in cache and feeds one matrix product with the folded
+// pointwise weights; bias, ReLU and residual are applied while the product's rows are still hot.
+#include <Python.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "sepconv_bn.h"
+
+extern "C" {
+// An empty module so that `import xception_fast._C` loads the library and runs its registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace xception_fast {
+
+namespace {
+
+std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
+
+void check_same_device(const at::Tensor& x, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "sepconv_bn: ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+void check_weight_dtype(const at::Tensor& x, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, "sepconv_bn: ", name,
+              " must have x's dtype (", x.scalar_type(), ") or float32, got ", t.scalar_type());
+}
+
+}  // namespace
+
+void check_sepconv_bn_args(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.dim() == 4, "sepconv_bn: x must be a 4-D [N, C, H, W] tensor, got shape ", shape_str(x));
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                  (dtype == at::kDouble && x.device().is_cpu()),
+              "sepconv_bn: x must be float32, float16 or bfloat16 (float64 on CPU), got ", dtype);
+  const int64_t C = x.size(1);
+  TORCH_CHECK(C >= 1 && x.size(2) >= 1 && x.size(3) >= 1,
+              "sepconv_bn: x needs C, H, W >= 1, got shape ", shape_str(x));
+  TORCH_CHECK(dw_weight.dim() == 4 && dw_weight.size(0) == C && dw_weight.size(1) == 1 && dw_weight.size(2) == 3 &&
+                  dw_weight.size(3) == 3,
+              "sepconv_bn: dw_weight must be a depthwise 3x3 kernel of shape [C, 1, 3, 3] = [", C,
+              ", 1, 3, 3], got ", shape_str(dw_weight));
+  TORCH_CHECK(pw_weight.dim() == 4 && pw_weight.size(1) == C && pw_weight.size(2) == 1 && pw_weight.size(3) == 1 &&
+                  pw_weight.size(0) >= 1,
+              "sepconv_bn: pw_weight must be a pointwise kernel of shape [Cout, C, 1, 1] with C = ", C, ", got ",
+              shape_str(pw_weight));
+  const int64_t Cout = pw_weight.size(0);
+  check_same_device(x, dw_weight, "dw_weight");
+  check_same_device(x, pw_weight, "pw_weight");
+  check_weight_dtype(x, dw_weight, "dw_weight");
+  check_weight_dtype(x, pw_weight, "pw_weight");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Cout, "sepconv_bn: bias must have shape [Cout] = [", Cout,
+                "], got ", shape_str(*bias));
+    check_same_device(x, *bias, "bias");
+    check_weight_dtype(x, *bias, "bias");
+  }
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 4 && residual->size(0) == x.size(0) && residual->size(1) == Cout &&
+                    residual->size(2) == x.size(2) && residual->size(3) == x.size(3),
+                "sepconv_bn: residual must have the output's shape [", x.size(0), ", ", Cout, ", ", x.size(2), ", ",
+                x.size(3), "], got ", shape_str(*residual));
+    check_same_device(x, *residual, "residual");
+    TORCH_CHECK(residual->scalar_type() == dtype, "sepconv_bn: residual must have x's dtype (", dtype, "), got ",
+                residual->scalar_type());
+  }
+}
+
+namespace {
+
+// Depthwise 3x3 (stride 1, padding 1) of NHWC pixels [p_begin, p_end) into out[p - p_begin][C].
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void depthwise_rows_impl(const scalar_t* __restrict__ x,
+                                                                const acc_t* __restrict__ taps, acc_t* __restrict__ out,
+                                                                int64_t p_begin, int64_t p_end, int64_t H, int64_t W,
+                                                                int64_t C, bool relu_input) {
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    const int64_t w = p % W, h = (p / W) % H, n = p / (W * H);
+    acc_t* __restrict__ acc = out + (p - p_begin) * C;
+    std::fill(acc, acc + C, acc_t(0));
+    for (int64_t kh = 0; kh < 3; ++kh) {
+      const int64_t ih = h + kh - 1;
+      if (ih < 0 || ih >= H) continue;
+      for (int64_t kw = 0; kw < 3; ++kw) {
+        const int64_t iw = w + kw - 1;
+        if (iw < 0 || iw >= W) continue;
+        const scalar_t* __restrict__ src = x + ((n * H + ih) * W + iw) * C;
+        const acc_t* __restrict__ tap = taps + (kh * 3 + kw) * C;
+        if (relu_input) {
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t v = static_cast<acc_t>(src[c]);
+            acc[c] += (v < acc_t(0) ? acc_t(0) : v) * tap[c];
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(src[c]) * tap[c];
+        }
+      }
+    }
+  }
+}
+
+// One non-template entry point per dtype, so that the compiler can build AVX-512 and AVX2 clones
+// of the channel loops and pick one at load time; the portable build still runs everywhere.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define XF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define XF_CPU_CLONES
+#endif
+
+#define XF_DEPTHWISE_ROWS(scalar_t, acc_t)                                                                    \
+  XF_CPU_CLONES void depthwise_rows(const scalar_t* x, const acc_t* taps, acc_t* out, int64_t p_begin,       \
+                                    int64_t p_end, int64_t H, int64_t W, int64_t C, bool relu_input) {       \
+    depthwise_rows_impl<scalar_t, acc_t>(x, taps, out, p_begin, p_end, H, W, C, relu_input);                 \
+  }
+XF_DEPTHWISE_ROWS(float, float)
+XF_DEPTHWISE_ROWS(double, double)
+XF_DEPTHWISE_ROWS(c10::BFloat16, float)
+XF_DEPTHWISE_ROWS(c10::Half, float)
+#undef XF_DEPTHWISE_ROWS
+
+// out[p][co] = act(y[p][co] + bias[co]) + residual[p][co], rows [r_begin, r_end) of a chunk.
+template <typename scalar_t, typename acc_t>
+void epilogue_rows(const acc_t* y, scalar_t* out, const acc_t* bias, const scalar_t* residual, int64_t r_begin,
+                   int64_t r_end, int64_t Cout, bool relu_output) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const acc_t* yr = y + r * Cout;
+    scalar_t* o = out + r * Cout;
+    const scalar_t* res = residual ? residual + r * Cout : nullptr;
+    for (int64_t co = 0; co < Cout; ++co) {
+      acc_t v = yr[co];
+      if (bias) v += bias[co];
+      if (relu_output) v = v < acc_t(0) ? acc_t(0) : v;
+      if (res) v += static_cast<acc_t>(res[co]);
+      o[co] = static_cast<scalar_t>(v);
+    }
+  }
+}
+
+// Output pixels per chunk: the depthwise chunk (rows x C accumulators) is kept near 1 MB.
+int64_t chunk_rows_for(int64_t C, int64_t M) {
+  const int64_t rows = std::clamp<int64_t>((int64_t{1} << 18) / C, 32, 4096);
+  return std::max<int64_t>(std::min(rows, M), 1);
+}
+
+at::Tensor sepconv_bn_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
+                          const std::optional<at::Tensor>& bias, bool relu_input, bool relu_output,
+                          const std::optional<at::Tensor>& residual) {
+  check_sepconv_bn_args(x, dw_weight, pw_weight, bias, residual);
+  TORCH_CHECK(x.device().is_cpu(), "sepconv_bn (CPU kernel): x must be a CPU tensor, got ", x.device());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Cout = pw_weight.size(0);
+  const auto memory_format = x.suggest_memory_format();
+  auto out = at::empty({N, Cout, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out.contiguous(memory_format);
+
+  const auto x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor res_nhwc;
+  if (residual.has_value()) res_nhwc = residual->contiguous(at::MemoryFormat::ChannelsLast);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sepconv_bn_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    const auto acc_options = x.options().dtype(acc_dtype);
+    const auto taps = dw_weight.to(acc_dtype).reshape({C, 9}).t().contiguous();  // [9][C]
+    const auto pw_t = pw_weight.to(acc_dtype).reshape({Cout, C}).t();            // [C][Cout] view
+    at::Tensor bias_acc;
+    if (bias.has_value()) bias_acc = bias->to(acc_dtype).contiguous();
+
+    const int64_t M = N * H * W;
+    const int64_t chunk = chunk_rows_for(C, M);
+    auto dbuf = at::empty({chunk, C}, acc_options);
+    // fp32 / fp64 outputs take the product in place; half types go through an accumulator buffer.
+    constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;
+    auto out2d = out.permute({0, 2, 3, 1}).reshape({M, Cout});  // a view: out is NHWC-contiguous
+    auto ybuf = in_place ? at::Tensor() : at::empty({chunk, Cout}, acc_options);
+
+    const scalar_t* x_ptr = x_nhwc.const_data_ptr<scalar_t>();
+    const acc_t* taps_ptr = taps.const_data_ptr<acc_t>();
+    const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
+    const scalar_t* res_ptr = res_nhwc.defined() ? res_nhwc.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    acc_t* d_ptr = dbuf.mutable_data_ptr<acc_t>();
+
+    for (int64_t p0 = 0; p0 < M; p0 += chunk) {
+      const int64_t rows = std::min(chunk, M - p0);
+      at::parallel_for(p0, p0 + rows, 8, [&](int64_t b, int64_t e) {
+        depthwise_rows(x_ptr, taps_ptr, d_ptr + (b - p0) * C, b, e, H, W, C, relu_input);
+      });
+      auto y = in_place ? out2d.narrow(0, p0, rows) : ybuf.narrow(0, 0, rows);
+      at::mm_out(y, dbuf.narrow(0, 0, rows), pw_t);
+      const acc_t* y_ptr = y.const_data_ptr<acc_t>();
+      at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
+        epilogue_rows<scalar_t, acc_t>(y_ptr, out_ptr + p0 * Cout, bias_ptr, res_ptr ? res_ptr + p0 * Cout : nullptr,
+                                       b, e, Cout, relu_output);
+      });
+    }
+  });
+  return out.contiguous(memory_format);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(xception_fast, m) {
+  m.def(
+      "sepconv_bn(Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? bias, bool relu_input, bool relu_output, "
+      "Tensor? residual) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(xception_fast, CPU, m) { m.impl("sepconv_bn", &sepconv_bn_cpu); }
+
+}  // namespace xception_fast

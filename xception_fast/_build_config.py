@@ -1,0 +1,72 @@
+"""The extension's sources and compiler flags: the one list that setup.py and the build on first
+use share. It imports nothing from torch, so setup.py can read it before torch is configured."""
+import os
+import shutil
+import sysconfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXTENSION_NAME = "xception_fast._C"
+
+CPU_SOURCES = ["csrc/sepconv_bn.cpp"]
+CUDA_SOURCES = ["csrc/cuda/sepconv_bn_cuda.cu"]
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+# Built for Ampere and Hopper unless TORCH_CUDA_ARCH_LIST says otherwise.
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+SKIP_CUDA_ENV = "XCEPTION_FAST_SKIP_CUDA"
+
+
+def cuda_home():
+    """The CUDA toolkit root, or None. A bare `nvcc` wrapper on PATH (as in /usr/local/bin) does not
+    tell where the headers are, so a root is accepted only if it holds include/cuda_runtime.h."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if root and os.path.exists(os.path.join(root, "include", "cuda_runtime.h")) and os.path.exists(
+                os.path.join(root, "bin", "nvcc")):
+            return root
+    return None
+
+
+def want_cuda(torch_cuda_version):
+    """Whether to compile the CUDA sources: a CUDA build of torch, a toolkit, and no opt-out."""
+    if os.environ.get(SKIP_CUDA_ENV, "0") not in ("", "0"):
+        return False
+    return torch_cuda_version is not None and cuda_home() is not None
+
+
+def include_dirs():
+    # CUDA 13 builds of torch ship cusparse.h and friends in site-packages/nvidia/cu13/include,
+    # and torch's CUDA headers include them.
+    dirs = [os.path.join(ROOT, "csrc")]
+    for sub in ("cu13", "cu12"):
+        path = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", sub, "include")
+        if os.path.isdir(path):
+            dirs.append(path)
+    return dirs
+
+
+def prepare_cuda_environment():
+    """Point torch.utils.cpp_extension at the toolkit and the default architectures; call before
+    importing it."""
+    root = cuda_home()
+    if root:
+        os.environ["CUDA_HOME"] = root
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    return root
+
+
+def sources(with_cuda, absolute=False):
+    files = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
+    return [os.path.join(ROOT, f) for f in files] if absolute else files
+
+
+def compile_args(with_cuda):
+    defines = ["-DXF_WITH_CUDA"] if with_cuda else []
+    args = {"cxx": CXX_FLAGS + defines}
+    if with_cuda:
+        args["nvcc"] = NVCC_FLAGS + defines
+    return args
