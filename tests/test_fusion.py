@@ -199,6 +199,14 @@ def test_fused_away_modules_keep_the_state():
     assert fused.middle_flow[0].sepconv2.dconv.bn is bn
 
 
+def test_fused_xception_in_one_line(ours):
+    model = Xception(fused=True).eval()
+    assert sum(isinstance(m, FusedSeparableConvBN) for m in model.modules()) == 34
+    model.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 3, 71, 71)
+    assert_exact(logits(model, x), logits(ours, x), logits(copy.deepcopy(ours).double(), x.double()))
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         xception_fast.fuse("xception")

@@ -92,12 +92,13 @@ class Xception(nn.Module):
     """Xception for ``in_channels`` x H x W images, H and W at least 71.
 
     ``forward_features`` returns the 2048-channel map (10 x 10 at 299 x 299); ``forward`` adds
-    global average pooling and the fully connected classifier.
+    global average pooling and the fully connected classifier. ``fused=True`` builds it with every
+    separable unit fused (:func:`xception_fast.fuse`, with ``backend``); the state_dict is the same.
     """
 
     num_features = 2048
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 1000):
+    def __init__(self, in_channels: int = 3, num_classes: int = 1000, fused: bool = False, backend: str = "auto"):
         super().__init__()
         self.entry_conv1 = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, stride=2, bias=False), nn.BatchNorm2d(32), nn.ReLU())
@@ -112,6 +113,10 @@ class Xception(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(self.num_features, num_classes)
         self.reset_parameters()
+        if fused:
+            from .fusion import fuse
+
+            fuse(self, backend=backend)
 
     @torch.no_grad()
     def reset_parameters(self):
