@@ -5,6 +5,7 @@
 // pointwise weights; bias, ReLU and residual are applied while the product's rows are still hot.
 #include <Python.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -148,10 +149,14 @@ void epilogue_rows(const acc_t* y, scalar_t* out, const acc_t* bias, const scala
   }
 }
 
-// Output pixels per chunk: the depthwise chunk (rows x C accumulators) is kept near 1 MB.
-int64_t chunk_rows_for(int64_t C, int64_t M) {
-  const int64_t rows = std::clamp<int64_t>((int64_t{1} << 18) / C, 32, 4096);
-  return std::max<int64_t>(std::min(rows, M), 1);
+// Output pixels per chunk. Each chunk is one matrix product against the whole pointwise weight,
+// which the BLAS packs anew per call, so chunks are kept long (>= 256 rows where the image has
+// them); the depthwise chunk (rows x C accumulators) stays within about 1 MB; and there are at
+// least as many chunks as threads.
+int64_t chunk_rows_for(int64_t C, int64_t M, int64_t threads) {
+  const int64_t rows = std::clamp<int64_t>((int64_t{1} << 18) / C, 256, 2048);
+  const int64_t per_thread = (M + threads - 1) / threads;
+  return std::max<int64_t>(std::min(rows, per_thread), 1);
 }
 
 at::Tensor sepconv_bn_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
@@ -173,38 +178,40 @@ at::Tensor sepconv_bn_cpu(const at::Tensor& x, const at::Tensor& dw_weight, cons
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const auto acc_options = x.options().dtype(acc_dtype);
     const auto taps = dw_weight.to(acc_dtype).reshape({C, 9}).t().contiguous();  // [9][C]
-    const auto pw_t = pw_weight.to(acc_dtype).reshape({Cout, C}).t();            // [C][Cout] view
+    const auto pw_t = pw_weight.detach().to(acc_dtype).reshape({Cout, C}).t();   // [C][Cout] view
     at::Tensor bias_acc;
     if (bias.has_value()) bias_acc = bias->to(acc_dtype).contiguous();
 
     const int64_t M = N * H * W;
-    const int64_t chunk = chunk_rows_for(C, M);
-    auto dbuf = at::empty({chunk, C}, acc_options);
+    const int64_t chunk = chunk_rows_for(C, M, at::get_num_threads());
+    const int64_t num_chunks = (M + chunk - 1) / chunk;
     // fp32 / fp64 outputs take the product in place; half types go through an accumulator buffer.
     constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;
     auto out2d = out.permute({0, 2, 3, 1}).reshape({M, Cout});  // a view: out is NHWC-contiguous
-    auto ybuf = in_place ? at::Tensor() : at::empty({chunk, Cout}, acc_options);
 
     const scalar_t* x_ptr = x_nhwc.const_data_ptr<scalar_t>();
     const acc_t* taps_ptr = taps.const_data_ptr<acc_t>();
     const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
     const scalar_t* res_ptr = res_nhwc.defined() ? res_nhwc.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-    acc_t* d_ptr = dbuf.mutable_data_ptr<acc_t>();
 
-    for (int64_t p0 = 0; p0 < M; p0 += chunk) {
-      const int64_t rows = std::min(chunk, M - p0);
-      at::parallel_for(p0, p0 + rows, 8, [&](int64_t b, int64_t e) {
-        depthwise_rows(x_ptr, taps_ptr, d_ptr + (b - p0) * C, b, e, H, W, C, relu_input);
-      });
-      auto y = in_place ? out2d.narrow(0, p0, rows) : ybuf.narrow(0, 0, rows);
-      at::mm_out(y, dbuf.narrow(0, 0, rows), pw_t);
-      const acc_t* y_ptr = y.const_data_ptr<acc_t>();
-      at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
-        epilogue_rows<scalar_t, acc_t>(y_ptr, out_ptr + p0 * Cout, bias_ptr, res_ptr ? res_ptr + p0 * Cout : nullptr,
-                                       b, e, Cout, relu_output);
-      });
-    }
+    // One parallel region: each thread runs whole chunks (depthwise, product, epilogue), so the
+    // chunk never leaves its core's cache and threads meet only at the end.
+    at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+      // Worker threads do not inherit the op's dispatch state; the product must not see autograd.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      auto dbuf = at::empty({chunk, C}, acc_options);
+      auto ybuf = in_place ? at::Tensor() : at::empty({chunk, Cout}, acc_options);
+      acc_t* d_ptr = dbuf.mutable_data_ptr<acc_t>();
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const int64_t p0 = c * chunk, rows = std::min(chunk, M - p0);
+        depthwise_rows(x_ptr, taps_ptr, d_ptr, p0, p0 + rows, H, W, C, relu_input);
+        auto y = in_place ? out2d.narrow(0, p0, rows) : ybuf.narrow(0, 0, rows);
+        at::mm_out(y, dbuf.narrow(0, 0, rows), pw_t);
+        epilogue_rows<scalar_t, acc_t>(y.const_data_ptr<acc_t>(), out_ptr + p0 * Cout, bias_ptr,
+                                       res_ptr ? res_ptr + p0 * Cout : nullptr, 0, rows, Cout, relu_output);
+      }
+    });
   });
   return out.contiguous(memory_format);
 }
