@@ -31,16 +31,6 @@ MATRIX_DTYPES = [torch.float32, torch.bfloat16]
 SHAPE_DTYPES = MATRIX_DTYPES if DEVICE == "cpu" else [torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def float32_without_tf32():
-    """float32 on a GPU is compared in full precision on both sides (eager cuDNN and the kernel
-    follow the same flag); the tests of TF32 set the flag themselves."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
-
-
 def run(inputs, relu_input, relu_output):
     args = (inputs["x"], inputs["dw_weight"], inputs["pw_weight"], inputs["bias"])
     fused = op(*args, relu_input, relu_output, inputs["residual"])
