@@ -150,13 +150,15 @@ void epilogue_rows(const acc_t* y, scalar_t* out, const acc_t* bias, const scala
 }
 
 // Output pixels per chunk. Each chunk is one matrix product against the whole pointwise weight,
-// which the BLAS packs anew per call, so chunks are kept long (>= 256 rows where the image has
-// them); the depthwise chunk (rows x C accumulators) stays within about 1 MB; and there are at
-// least as many chunks as threads.
+// which the BLAS packs anew per call, so chunks are kept long (about 256 rows or more where the
+// image has them) while the depthwise chunk (rows x C accumulators) stays near 1 MB. The chunk
+// count is a multiple of the thread count and the chunks are of equal length, so that every
+// thread gets the same work.
 int64_t chunk_rows_for(int64_t C, int64_t M, int64_t threads) {
-  const int64_t rows = std::clamp<int64_t>((int64_t{1} << 18) / C, 256, 2048);
-  const int64_t per_thread = (M + threads - 1) / threads;
-  return std::max<int64_t>(std::min(rows, per_thread), 1);
+  const int64_t target = std::clamp<int64_t>((int64_t{1} << 18) / C, 256, 2048);
+  const int64_t rounds = std::max<int64_t>((M + threads * target - 1) / (threads * target), 1);
+  const int64_t chunks = threads * rounds;
+  return std::max<int64_t>((M + chunks - 1) / chunks, 1);
 }
 
 at::Tensor sepconv_bn_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,

@@ -1,0 +1,39 @@
+"""The benchmark session: the device's peaks measured or looked up once at the start, the summary
+printed and written (markdown, PNG, JSON under benchmarks/results/ or $XCEPTION_FAST_BENCH_DIR)
+at the end.
+
+    pytest benchmarks --benchmark-only
+"""
+import pytest
+import torch
+
+from . import harness
+from .peaks import device_peaks
+from .report import Results, environment
+
+_results = None
+
+
+@pytest.fixture(scope="session")
+def results():
+    global _results
+    if harness.DEVICE.type == "cuda":
+        # Eager gets its best convolution algorithms too, as the autotuned contenders get theirs
+        # (the search happens in the untimed warm-up).
+        torch.backends.cudnn.benchmark = True
+    env = environment(harness.DEVICE, harness.PROFILE)
+    peaks = device_peaks(harness.DEVICE, env["device"])
+    _results = Results(env, peaks, harness.OUT_DIR)
+    return _results
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    if _results is None or not _results.rows:
+        return
+    chart = _results.write_chart()
+    terminalreporter.write_sep("=", "xception_fast: speedups and roofline")
+    terminalreporter.write_line(_results.markdown())
+    terminalreporter.write_line(f"written: {_results.path('md')}, {_results.path('json')}"
+                                + (f", {chart}" if chart else " (no chart: matplotlib is not installed; "
+                                   "`python -m benchmarks.report <json>` draws it where it is)"))

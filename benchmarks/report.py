@@ -1,0 +1,231 @@
+"""Results of a benchmark run: each result's extra_info, and the summary (markdown table, PNG
+chart, raw JSON) named by device under the output folder.
+
+The JSON and the markdown are rewritten after every result, so a run cut short (a timeout in the
+GPU check) still leaves what it measured; the chart is drawn at the end.
+"""
+import datetime
+import json
+import os
+import platform
+import re
+
+import torch
+
+from .harness import COMPILERS, CONTENDERS
+from .peaks import roofline
+
+BASELINES = ("eager_cl", "eager_nchw")
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def environment(device, profile):
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        slug = _slug(name)
+    else:
+        name = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+        slug = f"cpu-{_slug(_cpu_name())}-{torch.get_num_threads()}t"
+    return {
+        "device": name,
+        "slug": slug if profile == "full" else f"{slug}-{profile}",
+        "profile": profile,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark if device.type == "cuda" else None,
+        "tf32_convs": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        # Other processes competing for the device make both the timings and measured peaks noisy.
+        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+class Results:
+    def __init__(self, env, peaks, out_dir):
+        self.env, self.peaks, self.out_dir = env, peaks, out_dir
+        self.rows = []
+        os.makedirs(out_dir, exist_ok=True)
+
+    def path(self, ext):
+        return os.path.join(self.out_dir, f"{self.env['slug']}.{ext}")
+
+    def add(self, benchmark, case, median, layers, math, extra=None):
+        """Attach the case's extra_info to the benchmark and keep it for the summary; ``layers``
+        is the work as [(FLOP, minimum bytes)] (see peaks.roofline)."""
+        info = {
+            "device": self.env["device"], "torch": self.env["torch"], "triton": self.env["triton"],
+            "kind": case.kind, "shape": case.label, "dtype": case.dtype, "batch": case.batch,
+            "contender": case.contender, "math": math,
+            "peak_flops": self.peaks["flops"][math], "peak_bandwidth": self.peaks["bandwidth"],
+            "peaks_source": self.peaks["source"], **(extra or {}),
+        }
+        if median is not None:
+            info.update(roofline(layers, median, self.peaks["flops"][math], self.peaks["bandwidth"]))
+        benchmark.extra_info.update(info)
+        if median is None:
+            return
+        stats = benchmark.stats.stats
+        self.rows.append({**info, "group": case.group, "panel": case.panel, "row": case.row,
+                          "median_s": median, "min_s": stats.min, "mean_s": stats.mean,
+                          "stddev_s": stats.stddev, "rounds": stats.rounds})
+        self.write_tables()
+
+    # ------------------------------------------------------------------------------------------
+
+    def speedups(self):
+        """Per result: its speedup over each baseline of its case (and over the fastest compile)."""
+        medians = {}
+        for r in self.rows:
+            medians.setdefault(r["group"], {})[r["contender"]] = r["median_s"]
+        out = []
+        for r in self.rows:
+            group = medians[r["group"]]
+            ratios = {b: group[b] / r["median_s"] for b in BASELINES if b in group}
+            compiled = [group[c] for c in COMPILERS if c in group]
+            if compiled:
+                ratios["compile"] = min(compiled) / r["median_s"]
+            out.append(ratios)
+        return out
+
+    def markdown(self):
+        peaks = self.peaks
+        flops = ", ".join(f"{k} {v / 1e12:.3g}" for k, v in peaks["flops"].items())
+        lines = [
+            f"# Benchmarks on {self.env['device']}",
+            "",
+            f"- torch {self.env['torch']}, triton {self.env['triton']}, Python {self.env['python']}; "
+            f"profile {self.env['profile']}; {self.env['date']}",
+            f"- peaks: {flops} TFLOP/s; {peaks['bandwidth'] / 1e9:.4g} GB/s ({peaks['source']})",
+        ]
+        if self.env.get("load_average_at_start") is not None:
+            lines.append(f"- load average (1 min) when the run started: {self.env['load_average_at_start']:.2f}")
+        if any(r["roofline_fraction"] > 1 for r in self.rows):
+            lines.append("- **some results exceed 100 % of the roofline: the peaks above understate what this "
+                         "device reached (if measured: while other processes loaded it?). Read the roofline "
+                         "column as relative only, or rerun on an idle machine.**")
+        lines += [
+            "",
+            "Median time per call. × eager CL / × eager NCHW / × compile: the contender's speedup over eager "
+            "channels_last, eager NCHW and the fastest torch.compile of the same case (> 1 is faster). "
+            "TFLOP/s, GB/s: the work's FLOP and minimum bytes over the time (a unit: the fused unit's; the "
+            "model: summed over its layers, each separable unit counted as fused; a training step: FLOP only). "
+            "roofline: the floor (per layer the slower of FLOP at peak and minimum bytes at peak bandwidth) "
+            "over the time.",
+        ]
+        speedups = self.speedups()
+        panel = None
+        for r, s in zip(self.rows, speedups):
+            if r["panel"] != panel:
+                panel = r["panel"]
+                lines += ["", f"## {panel}", "",
+                          "| case | contender | median | × eager CL | × eager NCHW | × compile | TFLOP/s | GB/s "
+                          "| roofline |",
+                          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            cells = [r["row"], r["contender"], _time(r["median_s"]),
+                     *(_ratio(s.get(k)) for k in ("eager_cl", "eager_nchw", "compile")),
+                     f"{r['tflops']:.3g}", "—" if r["gbps"] is None else f"{r['gbps']:.4g}",
+                     f"{100 * r['roofline_fraction']:.1f} %"]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def write_tables(self):
+        with open(self.path("json"), "w") as f:
+            json.dump({"environment": self.env, "peaks": self.peaks, "results": self.rows}, f, indent=1)
+        with open(self.path("md"), "w") as f:
+            f.write(self.markdown())
+
+    def write_chart(self):
+        """Speedup over eager channels_last per case and contender, one panel per table section;
+        None without matplotlib (the GPU machine may lack it: ``python -m benchmarks.report`` draws
+        the chart from the JSON elsewhere)."""
+        try:
+            import matplotlib
+        except ImportError:
+            return None
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = {}
+        for r, s in zip(self.rows, self.speedups()):
+            if "eager_cl" in s:
+                panels.setdefault(r["panel"], []).append((r["row"], r["contender"], s["eager_cl"]))
+        if not panels:
+            return None
+        present = {c for bars in panels.values() for _, c, _ in bars}
+        contenders = [c for c in CONTENDERS if c in present]
+        colours = {c: plt.get_cmap("tab10")(i) for i, c in enumerate(CONTENDERS)}
+        fig, axes = plt.subplots(len(panels), 1, figsize=(12, 0.6 + 3.4 * len(panels)), squeeze=False)
+        for ax, (title, bars) in zip(axes[:, 0], panels.items()):
+            rows = list(dict.fromkeys(row for row, _, _ in bars))
+            in_panel = [c for c in contenders if any(c == b for _, b, _ in bars)]
+            width = 0.8 / len(in_panel)
+            for i, contender in enumerate(in_panel):
+                xs = [rows.index(row) + (i - (len(in_panel) - 1) / 2) * width
+                      for row, c, _ in bars if c == contender]
+                ax.bar(xs, [v for _, c, v in bars if c == contender], width, color=colours[contender])
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+            ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right", fontsize=8)
+            ax.set_ylabel("× eager channels_last")
+            ax.set_title(title, fontsize=10)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in contenders]
+        fig.legend(handles, contenders, loc="upper center", ncol=len(contenders), fontsize=9,
+                   bbox_to_anchor=(0.5, 1 - 0.4 / fig.get_figheight()))
+        fig.suptitle(f"{self.env['device']} — torch {self.env['torch']}", fontsize=11,
+                     y=1 - 0.1 / fig.get_figheight())
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / fig.get_figheight()))
+        fig.savefig(self.path("png"), dpi=110)
+        plt.close(fig)
+        return self.path("png")
+
+
+def _time(seconds):
+    for scale, unit in ((1, "s"), (1e-3, "ms"), (1e-6, "µs")):
+        if seconds >= scale or unit == "µs":
+            value = seconds / scale
+            return f"{value:.{0 if value >= 100 else 1 if value >= 10 else 2}f} {unit}"
+
+
+def _ratio(value):
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Rewrite a run's markdown table and draw its chart from its JSON "
+                                                 "(next to it).")
+    parser.add_argument("json", help="a results JSON written by a benchmark run")
+    path = parser.parse_args(argv).json
+    with open(path) as f:
+        data = json.load(f)
+    results = Results(data["environment"], data["peaks"], os.path.dirname(os.path.abspath(path)))
+    results.rows = data["results"]
+    results.write_tables()
+    chart = results.write_chart()
+    print(f"written: {results.path('md')}" + (f", {chart}" if chart else " (no chart: matplotlib is not installed)"))
+
+
+if __name__ == "__main__":
+    main()

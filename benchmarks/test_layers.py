@@ -1,0 +1,20 @@
+"""Per layer: each of Xception's separable-unit shapes, eager (NCHW, channels_last), torch.compile
+and the fused op side by side."""
+import pytest
+
+from .harness import DEVICE, DTYPES, build_unit, cases, measure, precision_context, require
+from .peaks import math_mode, unit_cost
+
+CASES = cases("unit")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_unit(benchmark, results, case):
+    require(case.contender)
+    benchmark.group = case.group
+    with precision_context(case.dtype, inference=True):
+        median = measure(benchmark, build_unit(case))
+    channels, out_channels, size, residual = case.shape
+    dtype = DTYPES[case.dtype]
+    layers = [unit_cost(case.batch * size * size, channels, out_channels, dtype.itemsize, residual)]
+    results.add(benchmark, case, median, layers, math_mode(DEVICE, dtype))

@@ -1,0 +1,22 @@
+"""Whole model: Xception at 299 x 299, one inference and one training step, eager (NCHW,
+channels_last), torch.compile and the fused model side by side."""
+import pytest
+import torch
+
+from .harness import DEVICE, MODEL_PRECISIONS, build_model, cases, measure, precision_context, require
+from .peaks import math_mode, model_layers
+
+CASES = cases("infer") + cases("train")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_model(benchmark, results, case):
+    require(case.contender)
+    benchmark.group = case.group
+    with precision_context(case.dtype, inference=case.kind == "infer"):
+        fn, extra = build_model(case)
+        median = measure(benchmark, fn)
+    # Under autocast the convs and the classifier run in the autocast dtype.
+    dtype = MODEL_PRECISIONS[case.dtype] or torch.float32
+    layers = model_layers(case.batch, dtype.itemsize, training=case.kind == "train")
+    results.add(benchmark, case, median, layers, math_mode(DEVICE, dtype), extra)
