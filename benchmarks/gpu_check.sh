@@ -29,7 +29,10 @@ if [ $# -ge 2 ]; then
 fi
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$out/steps" || exit 2
+mkdir -p "$out" || exit 2
+# Per-step logs stay outside <outdir>: the device tool brings back at most 8 files, and log.txt
+# already holds every step's output.
+steps=$(mktemp -d)
 out=$(cd "$out" && pwd)
 log=$out/log.txt
 : > "$log"
@@ -63,10 +66,10 @@ run_step() {
     say "[$name] running (timeout ${limit}s)"
     t0=$(date +%s)
     { echo "===== [$name] $*"; } >> "$log"
-    timeout -k 10 "$limit" "$@" > "$out/steps/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" > "$steps/$name.log" 2>&1
     rc=$?
     t1=$(date +%s)
-    cat "$out/steps/$name.log" >> "$log"
+    cat "$steps/$name.log" >> "$log"
     if [ $rc -eq 0 ]; then
         status="ok"
     elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
@@ -78,7 +81,7 @@ run_step() {
     fi
     say "[$name] $status in $((t1 - t0))s"
     if [ "$status" != "ok" ]; then
-        tail -n 25 "$out/steps/$name.log" | sed "s/^/    [$name] /"
+        tail -n 25 "$steps/$name.log" | sed "s/^/    [$name] /"
     fi
     summary+=("$name: $status, $((t1 - t0))s")
 }

@@ -10,6 +10,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 
 #include "sepconv_bn.h"
@@ -149,6 +151,27 @@ void epilogue_rows(const acc_t* y, scalar_t* out, const acc_t* bias, const scala
   }
 }
 
+// Each thread runs its own matrix products inside the op's parallel region. torch turns MKL's
+// dynamic threading off, so an MKL call there would start a nested team per thread and
+// oversubscribe the cores; MKL's thread-local setting makes the calls of this thread sequential.
+// Looked up at run time (MKL's C entry point; mkl_set_num_threads_local is the Fortran one, by
+// pointer): torch builds without MKL simply lack it.
+class SequentialBlasInThisThread {
+ public:
+  SequentialBlasInThisThread() {
+    if (set_local_) previous_ = set_local_(1);
+  }
+  ~SequentialBlasInThisThread() {
+    if (set_local_) set_local_(previous_);
+  }
+
+ private:
+  using SetLocal = int (*)(int);
+  static inline const SetLocal set_local_ =
+      reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  int previous_ = 0;
+};
+
 // Output pixels per chunk. Each chunk is one matrix product against the whole pointwise weight,
 // which the BLAS packs anew per call, so chunks are kept long (about 256 rows or more where the
 // image has them) while the depthwise chunk (rows x C accumulators) stays near 1 MB. The chunk
@@ -202,6 +225,7 @@ at::Tensor sepconv_bn_cpu(const at::Tensor& x, const at::Tensor& dw_weight, cons
     at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
       // Worker threads do not inherit the op's dispatch state; the product must not see autograd.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
+      SequentialBlasInThisThread sequential_blas;
       auto dbuf = at::empty({chunk, C}, acc_options);
       auto ybuf = in_place ? at::Tensor() : at::empty({chunk, Cout}, acc_options);
       acc_t* d_ptr = dbuf.mutable_data_ptr<acc_t>();
