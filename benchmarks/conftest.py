@@ -29,7 +29,7 @@ def results():
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter):
-    if _results is None or not _results.rows:
+    if _results is None or not (_results.rows or _results.memory):
         return
     chart = _results.write_chart()
     terminalreporter.write_sep("=", "xception_fast: speedups and roofline")

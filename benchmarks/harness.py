@@ -255,28 +255,39 @@ def build_model(case):
         return _timed_call(model, [(x,)]), extra
 
     labels = torch.randint(0, 1000, (case.batch,), device=DEVICE)
+    step = training_step(model, MODEL_PRECISIONS.get(case.dtype))
+    return _timed_call(step, [(x, labels)]), extra
+
+
+def training_step(model, amp_dtype=None):
+    """One training step of ``model`` as a function of (inputs, targets): gradients cleared,
+    forward and cross-entropy (under autocast to ``amp_dtype`` if given), backward, SGD with
+    momentum."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step(inputs, targets):
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(inputs), targets)
+        # Autocast opened per step, around forward and loss only: an autocast region kept open
+        # across steps would reuse its cached low-precision copies of weights the optimizer changed.
+        with torch.autocast(DEVICE.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(inputs), targets)
         loss.backward()
         optimizer.step()
         return loss
 
-    return _timed_call(step, [(x, labels)]), extra
+    return step
 
 
 @contextlib.contextmanager
 def precision_context(precision, inference):
     """Grad mode and autocast for a case: per-layer dtypes are plain casts, model precisions
-    may autocast."""
+    may autocast. Inference only: a training step opens its own autocast region."""
     with contextlib.ExitStack() as stack:
         if inference:
             stack.enter_context(torch.no_grad())
-        amp_dtype = MODEL_PRECISIONS.get(precision)
-        if amp_dtype is not None:
-            stack.enter_context(torch.autocast(DEVICE.type, dtype=amp_dtype))
+            amp_dtype = MODEL_PRECISIONS.get(precision)
+            if amp_dtype is not None:
+                stack.enter_context(torch.autocast(DEVICE.type, dtype=amp_dtype))
         yield
 
 

@@ -65,6 +65,7 @@ class Results:
     def __init__(self, env, peaks, out_dir):
         self.env, self.peaks, self.out_dir = env, peaks, out_dir
         self.rows = []
+        self.memory = []  # one record per training-step memory comparison (test_memory)
         os.makedirs(out_dir, exist_ok=True)
 
     def path(self, ext):
@@ -89,6 +90,14 @@ class Results:
         self.rows.append({**info, "group": case.group, "panel": case.panel, "row": case.row,
                           "median_s": median, "min_s": stats.min, "mean_s": stats.mean,
                           "stddev_s": stats.stddev, "rounds": stats.rounds})
+        self.write_tables()
+
+    def add_memory(self, benchmark, record):
+        """Attach a training-step memory comparison (eager vs fused peaks) to the benchmark and keep
+        it for the summary."""
+        record = {"device": self.env["device"], "torch": self.env["torch"], **record}
+        benchmark.extra_info.update(record)
+        self.memory.append(record)
         self.write_tables()
 
     # ------------------------------------------------------------------------------------------
@@ -147,11 +156,22 @@ class Results:
                      f"{r['tflops']:.3g}", "—" if r["gbps"] is None else f"{r['gbps']:.4g}",
                      f"{100 * r['roofline_fraction']:.1f} %"]
             lines.append("| " + " | ".join(cells) + " |")
+        if self.memory:
+            lines += ["", "## Memory, one training step", "",
+                      "Peak of live tensor memory during one training step (forward, cross-entropy, backward, SGD "
+                      "step) above what was allocated before it; MB = 10⁶ bytes. saving: (eager − fused) / eager.",
+                      "", "| case | fused | method | eager CL peak | fused peak | saving |",
+                      "|---|---|---|---:|---:|---:|"]
+            for m in self.memory:
+                lines.append(f"| {m['shape']}, {m['dtype']}, batch {m['batch']} | {m['contender']} | {m['method']} "
+                             f"| {m['eager_peak_mb']:.1f} MB | {m['fused_peak_mb']:.1f} MB "
+                             f"| {100 * m['saving']:.1f} % |")
         return "\n".join(lines) + "\n"
 
     def write_tables(self):
         with open(self.path("json"), "w") as f:
-            json.dump({"environment": self.env, "peaks": self.peaks, "results": self.rows}, f, indent=1)
+            json.dump({"environment": self.env, "peaks": self.peaks, "results": self.rows, "memory": self.memory},
+                      f, indent=1)
         with open(self.path("md"), "w") as f:
             f.write(self.markdown())
 
@@ -222,6 +242,7 @@ def main(argv=None):
         data = json.load(f)
     results = Results(data["environment"], data["peaks"], os.path.dirname(os.path.abspath(path)))
     results.rows = data["results"]
+    results.memory = data.get("memory", [])
     results.write_tables()
     chart = results.write_chart()
     print(f"written: {results.path('md')}" + (f", {chart}" if chart else " (no chart: matplotlib is not installed)"))

@@ -13,6 +13,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "sepconv_bn.h"
 
@@ -83,6 +84,27 @@ void check_sepconv_bn_args(const at::Tensor& x, const at::Tensor& dw_weight, con
 
 namespace {
 
+// Element conversions. bfloat16 <-> float by bit operations the compiler can vectorise (c10's own
+// conversions are scalar calls in these loops); round to nearest even, NaN kept NaN.
+template <typename to_t, typename from_t>
+inline to_t elem_cast(from_t v) {
+  return static_cast<to_t>(v);
+}
+template <>
+inline float elem_cast<float, c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <>
+inline c10::BFloat16 elem_cast<c10::BFloat16, float>(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
 // Depthwise 3x3 (stride 1, padding 1) of NHWC pixels [p_begin, p_end) into out[p - p_begin][C].
 template <typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void depthwise_rows_impl(const scalar_t* __restrict__ x,
@@ -103,11 +125,11 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const scalar_t* _
         const acc_t* __restrict__ tap = taps + (kh * 3 + kw) * C;
         if (relu_input) {
           for (int64_t c = 0; c < C; ++c) {
-            const acc_t v = static_cast<acc_t>(src[c]);
+            const acc_t v = elem_cast<acc_t>(src[c]);
             acc[c] += (v < acc_t(0) ? acc_t(0) : v) * tap[c];
           }
         } else {
-          for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(src[c]) * tap[c];
+          for (int64_t c = 0; c < C; ++c) acc[c] += elem_cast<acc_t>(src[c]) * tap[c];
         }
       }
     }
@@ -145,8 +167,8 @@ void epilogue_rows(const acc_t* y, scalar_t* out, const acc_t* bias, const scala
       acc_t v = yr[co];
       if (bias) v += bias[co];
       if (relu_output) v = v < acc_t(0) ? acc_t(0) : v;
-      if (res) v += static_cast<acc_t>(res[co]);
-      o[co] = static_cast<scalar_t>(v);
+      if (res) v += elem_cast<acc_t>(res[co]);
+      o[co] = elem_cast<scalar_t>(v);
     }
   }
 }
@@ -203,7 +225,10 @@ at::Tensor sepconv_bn_cpu(const at::Tensor& x, const at::Tensor& dw_weight, cons
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const auto acc_options = x.options().dtype(acc_dtype);
     const auto taps = dw_weight.to(acc_dtype).reshape({C, 9}).t().contiguous();  // [9][C]
-    const auto pw_t = pw_weight.detach().to(acc_dtype).reshape({Cout, C}).t();   // [C][Cout] view
+    // Half types multiply in fp32: the depthwise result is never rounded to them. (A bfloat16
+    // product, as eager's convs use, is faster on CPUs with bf16 dot-product instructions, but
+    // moves ReLU's zero crossings away from the exact result's, which the gradients then show.)
+    const auto pw_t = pw_weight.detach().to(acc_dtype).reshape({Cout, C}).t();  // [C][Cout] view
     at::Tensor bias_acc;
     if (bias.has_value()) bias_acc = bias->to(acc_dtype).contiguous();
 
