@@ -29,6 +29,7 @@ def extension_modules():
         build_config.sources(with_cuda),
         include_dirs=build_config.include_dirs(),
         extra_compile_args=build_config.compile_args(with_cuda),
+        extra_link_args=build_config.LINK_FLAGS,
     )
     return [module], {"build_ext": BuildExtension}
 

@@ -2,6 +2,7 @@
 use share. It imports nothing from torch, so setup.py can read it before torch is configured."""
 import os
 import shutil
+import sys
 import sysconfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -9,7 +10,11 @@ EXTENSION_NAME = "xception_fast._C"
 
 CPU_SOURCES = ["csrc/sepconv_bn.cpp"]
 CUDA_SOURCES = ["csrc/cuda/sepconv_bn_cuda.cu"]
-CXX_FLAGS = ["-O3"]
+# at::parallel_for is inlined into the extension: without OpenMP here it runs on one thread. The
+# OpenMP runtime it links is the libgomp torch has already loaded.
+OPENMP_FLAGS = [] if sys.platform == "darwin" else ["-fopenmp"]
+CXX_FLAGS = ["-O3"] + OPENMP_FLAGS
+LINK_FLAGS = OPENMP_FLAGS
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 # Built for Ampere and Hopper unless TORCH_CUDA_ARCH_LIST says otherwise.
 DEFAULT_CUDA_ARCHS = "8.0;9.0"

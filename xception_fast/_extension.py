@@ -33,6 +33,7 @@ def _build_on_first_use():
         sources=_build_config.sources(with_cuda, absolute=True),
         extra_cflags=args["cxx"],
         extra_cuda_cflags=args.get("nvcc"),
+        extra_ldflags=_build_config.LINK_FLAGS,
         extra_include_paths=_build_config.include_dirs(),
         with_cuda=with_cuda,
         is_python_module=False,
