@@ -206,6 +206,10 @@ int64_t chunk_rows_for(int64_t C, int64_t M, int64_t threads) {
   return std::max<int64_t>((M + chunks - 1) / chunks, 1);
 }
 
+// Whether the product's arithmetic, not memory traffic, decides the unit's time: Xception's
+// middle and exit flows (C >= 512). With fewer channels the chunked path's saved round trips win.
+bool product_bound(int64_t C, int64_t Cout, int64_t M) { return C >= 512 && Cout >= 512 && M >= 64; }
+
 at::Tensor sepconv_bn_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
                           const std::optional<at::Tensor>& bias, bool relu_input, bool relu_output,
                           const std::optional<at::Tensor>& residual) {
@@ -233,18 +237,37 @@ at::Tensor sepconv_bn_cpu(const at::Tensor& x, const at::Tensor& dw_weight, cons
     if (bias.has_value()) bias_acc = bias->to(acc_dtype).contiguous();
 
     const int64_t M = N * H * W;
-    const int64_t chunk = chunk_rows_for(C, M, at::get_num_threads());
-    const int64_t num_chunks = (M + chunk - 1) / chunk;
     // fp32 / fp64 outputs take the product in place; half types go through an accumulator buffer.
     constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;
-    auto out2d = out.permute({0, 2, 3, 1}).reshape({M, Cout});  // a view: out is NHWC-contiguous
 
     const scalar_t* x_ptr = x_nhwc.const_data_ptr<scalar_t>();
     const acc_t* taps_ptr = taps.const_data_ptr<acc_t>();
     const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
     const scalar_t* res_ptr = res_nhwc.defined() ? res_nhwc.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
 
+    if (product_bound(C, Cout, M)) {
+      // The depthwise result of the whole batch goes through memory once (at these channel counts
+      // its bytes are small next to the product's arithmetic) and the product runs as one 1x1
+      // convolution over it in oneDNN, which is faster here than per-chunk BLAS calls; BatchNorm
+      // stays folded into its weights and bias, ReLU and residual are applied in one pass.
+      auto d = at::empty({N, C, H, W}, acc_options.memory_format(at::MemoryFormat::ChannelsLast));
+      acc_t* d_ptr = d.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+        depthwise_rows(x_ptr, taps_ptr, d_ptr + b * C, b, e, H, W, C, relu_input);
+      });
+      auto y = at::conv2d(d, pw_weight.detach().to(acc_dtype), bias_acc).contiguous(at::MemoryFormat::ChannelsLast);
+      if constexpr (in_place) out = y;
+      const acc_t* y_ptr = y.const_data_ptr<acc_t>();
+      scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
+        epilogue_rows<scalar_t, acc_t>(y_ptr, o_ptr, nullptr, res_ptr, b, e, Cout, relu_output);
+      });
+      return;
+    }
+    const int64_t chunk = chunk_rows_for(C, M, at::get_num_threads());
+    const int64_t num_chunks = (M + chunk - 1) / chunk;
+    auto out2d = out.permute({0, 2, 3, 1}).reshape({M, Cout});  // a view: out is NHWC-contiguous
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     // One parallel region: each thread runs whole chunks (depthwise, product, epilogue), so the
     // chunk never leaves its core's cache and threads meet only at the end.
     at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {

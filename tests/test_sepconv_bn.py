@@ -48,6 +48,17 @@ def test_channel_counts(device, c, cout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("relu_input, relu_output, residual", [(True, False, True), (False, True, False)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_many_channels_and_pixels(device, relu_input, relu_output, residual, layout):
+    """The middle and exit flows' regime (C >= 512 with enough pixels), which the CPU kernel runs
+    through a different path than the small-channel units."""
+    for dtype in DTYPES[device]:
+        check(2, 520, 600, 9, 7, device=device, dtype=dtype, layout=layout, relu_input=relu_input,
+              relu_output=relu_output, residual=residual)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("h, w", [(1, 1), (2, 2), (7, 7), (19, 19), (37, 37), (5, 9), (1, 17)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 def test_spatial_sizes_and_layouts(device, h, w, layout):
