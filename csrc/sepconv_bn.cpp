@@ -6,6 +6,7 @@
 #include <Python.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -80,6 +81,18 @@ void check_sepconv_bn_args(const at::Tensor& x, const at::Tensor& dw_weight, con
     TORCH_CHECK(residual->scalar_type() == dtype, "sepconv_bn: residual must have x's dtype (", dtype, "), got ",
                 residual->scalar_type());
   }
+}
+
+NhwcOperands nhwc_operands(const at::Tensor& x, const at::Tensor& pw_weight,
+                           const std::optional<at::Tensor>& residual) {
+  NhwcOperands ops;
+  ops.memory_format = x.suggest_memory_format();
+  ops.out = at::empty({x.size(0), pw_weight.size(0), x.size(2), x.size(3)},
+                      x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (ops.out.numel() == 0) return ops;
+  ops.x = x.contiguous(at::MemoryFormat::ChannelsLast);
+  if (residual.has_value()) ops.residual = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  return ops;
 }
 
 namespace {
@@ -215,14 +228,12 @@ at::Tensor sepconv_bn_cpu(const at::Tensor& x, const at::Tensor& dw_weight, cons
                           const std::optional<at::Tensor>& residual) {
   check_sepconv_bn_args(x, dw_weight, pw_weight, bias, residual);
   TORCH_CHECK(x.device().is_cpu(), "sepconv_bn (CPU kernel): x must be a CPU tensor, got ", x.device());
+  // The ATen calls inside compute in the dtypes chosen here, even when the op is called under
+  // autocast (which would otherwise recast the inner convolution's operands).
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Cout = pw_weight.size(0);
-  const auto memory_format = x.suggest_memory_format();
-  auto out = at::empty({N, Cout, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto [x_nhwc, res_nhwc, out, memory_format] = nhwc_operands(x, pw_weight, residual);
   if (out.numel() == 0) return out.contiguous(memory_format);
-
-  const auto x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor res_nhwc;
-  if (residual.has_value()) res_nhwc = residual->contiguous(at::MemoryFormat::ChannelsLast);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sepconv_bn_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -142,17 +142,20 @@ def test_train_step_matches_eager():
 
     ref_loss, eager_loss, fused_loss = step(reference, x.double()), step(eager, x), step(fused, x)
     assert_exact(fused_loss, eager_loss, ref_loss.reshape(()), "loss")
-    ref_params = dict(reference.named_parameters())
-    eager_params = dict(eager.named_parameters())
-    for name, p in fused.named_parameters():
-        assert_exact(p.grad, eager_params[name].grad, ref_params[name].grad, f"grad {name}")
-        assert_exact(p.detach(), eager_params[name].detach(), ref_params[name].detach(), f"updated {name}")
-    ref_buffers = dict(reference.named_buffers())
-    for name, b in fused.named_buffers():
-        if b.is_floating_point():
-            assert_exact(b, dict(eager.named_buffers())[name], ref_buffers[name], f"buffer {name}")
-        else:
-            assert torch.equal(b, ref_buffers[name])
+
+    # The gradients, the updated parameters and the running statistics are each one result (all
+    # of the model's tensors of that kind, flattened): per tensor, over some 300 of them at rounding
+    # level, the rule would hold fused to whichever eager tensor happened to round luckiest.
+    def flat(model, kind):
+        tensors = (model.named_parameters() if kind != "buffers" else
+                   ((n, b) for n, b in model.named_buffers() if b.is_floating_point()))
+        pick = (lambda p: p.grad) if kind == "gradients" else (lambda p: p)
+        return torch.cat([pick(t).detach().reshape(-1) for _, t in sorted(tensors, key=lambda item: item[0])])
+
+    for kind in ("gradients", "parameters", "buffers"):
+        assert_exact(flat(fused, kind), flat(eager, kind), flat(reference, kind), kind)
+    counts = {n: b for n, b in fused.named_buffers() if not b.is_floating_point()}
+    assert all(torch.equal(b, dict(reference.named_buffers())[n]) for n, b in counts.items())
 
 
 def test_channels_last_and_autocast(ours):

@@ -104,6 +104,17 @@ def test_float32_weights_with_bfloat16_input():
     assert_exact(fused, eager, reference64(inputs, True, True))
 
 
+def test_op_is_not_recast_under_autocast():
+    """The op computes in x's dtype under autocast too (the fused modules cast x themselves)."""
+    inputs = make_sepconv_inputs(2, 520, 600, 9, 7, layout="channels_last", residual=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, _ = run_both(inputs, True, True, "cpu")
+    eager = sepconv_bn_reference(inputs["x"], inputs["dw_weight"], inputs["pw_weight"], inputs["bias"], True, True,
+                                 inputs["residual"])
+    assert fused.dtype == torch.float32
+    assert_exact(fused, eager, reference64(inputs, True, True))
+
+
 def test_float64_on_cpu():
     inputs = make_sepconv_inputs(2, 9, 5, 4, 7, dtype=torch.float64, residual=True)
     fused, eager = run_both(inputs, True, True, "cpu")

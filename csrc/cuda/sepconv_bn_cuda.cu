@@ -504,14 +504,8 @@ at::Tensor sepconv_bn_cuda(const at::Tensor& x, const at::Tensor& dw_weight, con
   TORCH_CHECK(props->major >= 8, "sepconv_bn (CUDA kernel): needs compute capability 8.0 or newer, ", x.device(),
               " has ", props->major, ".", props->minor);
 
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), Cout = pw_weight.size(0);
-  const auto memory_format = x.suggest_memory_format();
-  auto out = at::empty({N, Cout, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto [x_nhwc, res_nhwc, out, memory_format] = nhwc_operands(x, pw_weight, residual);
   if (out.numel() == 0) return out.contiguous(memory_format);
-
-  const auto x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor res_nhwc;
-  if (residual.has_value()) res_nhwc = residual->contiguous(at::MemoryFormat::ChannelsLast);
 
   switch (x.scalar_type()) {
     case at::kBFloat16:
