@@ -85,6 +85,20 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ src, float (&out)
   for (int e = 0; e < V; ++e) out[e] = to_float(vals[e]);
 }
 
+// N floats from shared memory (N a multiple of 4, 16-byte aligned).
+template <int N>
+__device__ __forceinline__ void load_shared_floats(const float* src, float (&out)[N]) {
+  static_assert(N % 4 == 0, "float4 accesses");
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) {
+    const float4 q = reinterpret_cast<const float4*>(src)[i];
+    out[4 * i] = q.x;
+    out[4 * i + 1] = q.y;
+    out[4 * i + 2] = q.z;
+    out[4 * i + 3] = q.w;
+  }
+}
+
 // N floats from global memory (N a multiple of 4, 16-byte aligned).
 template <int N>
 __device__ __forceinline__ void load_floats(const float* __restrict__ src, float (&out)[N]) {
@@ -315,14 +329,7 @@ __global__ void __launch_bounds__(kThreads, 2) sepconv_bn_kernel(const Params<T>
 #pragma unroll
             for (int e = 0; e < V; ++e) xv[e] = e < n_valid ? to_float(src[e]) : 0.0f;
           }
-#pragma unroll
-          for (int i = 0; i < V / 4; ++i) {
-            const float4 q4 = *reinterpret_cast<const float4*>(t_buf + t * BK + dw_col + 4 * i);
-            tv[4 * i] = q4.x;
-            tv[4 * i + 1] = q4.y;
-            tv[4 * i + 2] = q4.z;
-            tv[4 * i + 3] = q4.w;
-          }
+          load_shared_floats<V>(t_buf + t * BK + dw_col, tv);
 #pragma unroll
           for (int e = 0; e < V; ++e) {
             const float v = (p.relu_input && xv[e] < 0.0f) ? 0.0f : xv[e];
@@ -399,14 +406,7 @@ __global__ void __launch_bounds__(kThreads, 2) sepconv_bn_kernel(const Params<T>
     const int64_t m = m0 + r;
     if (m >= p.M) break;
     float v[V];
-#pragma unroll
-    for (int i = 0; i < V / 4; ++i) {
-      const float4 q = *reinterpret_cast<const float4*>(Cs + r * kLdc + col + 4 * i);
-      v[4 * i] = q.x;
-      v[4 * i + 1] = q.y;
-      v[4 * i + 2] = q.z;
-      v[4 * i + 3] = q.w;
-    }
+    load_shared_floats<V>(Cs + r * kLdc + col, v);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       v[e] += bias[e];
