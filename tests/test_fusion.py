@@ -1,5 +1,6 @@
 """fuse(model) and the fused modules, on the whole model, against eager and a float64 run."""
 import copy
+import io
 
 import pytest
 import torch
@@ -108,6 +109,21 @@ def test_state_dict_round_trips_both_ways(ours):
     eager = Xception().eval()
     eager.load_state_dict(fused.state_dict())
     assert torch.equal(logits(eager, x), logits(other, x))
+
+
+def test_whole_fused_model_saves_loads_and_copies():
+    fused = Xception(num_classes=10, fused=True).eval()
+    x = torch.randn(1, 3, 71, 71)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(logits(loaded, x), logits(fused, x))
+    # a copy's rewritten forward must run the copy's own modules
+    other = randomize_model_(Xception(num_classes=10), seed=15).eval()
+    copied = copy.deepcopy(fused)
+    copied.load_state_dict(other.state_dict())
+    assert_exact(logits(copied, x), logits(other, x), logits(copy.deepcopy(other).double(), x.double()))
 
 
 def test_fold_is_redone_when_weights_change():

@@ -171,7 +171,8 @@ class _UnitTracer(fx.Tracer):
     """Traces one module's own forward: Sequentials and conv-pair containers are inlined, every
     other child is a leaf (its own forward is searched when fuse() visits it)."""
 
-    def __init__(self, root):
+    def __init__(self, root=None):
+        # root may be None: torch.fx rebuilds a pickled GraphModule with its tracer class, no arguments.
         super().__init__()
         self.root_module = root
 
