@@ -164,6 +164,16 @@ struct WmmaMath {
       for (int j = 0; j < kFn; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   }
 
+  // One operand fragment from shared memory; TF32 wants every element rounded to tf32 first.
+  template <typename Frag, typename Elem>
+  static __device__ __forceinline__ void load_operand(Frag& frag, const Elem* src, unsigned ldm) {
+    wmma::load_matrix_sync(frag, src, ldm);
+    if constexpr (kTf32) {
+#pragma unroll
+      for (int t = 0; t < frag.num_elements; ++t) frag.x[t] = wmma::__float_to_tf32(frag.x[t]);
+    }
+  }
+
   template <int BK, int LDS>
   __device__ __forceinline__ void step(const T* As, const T* Bs, int tid) {
     const int warp = tid / 32;
@@ -174,21 +184,9 @@ struct WmmaMath {
       wmma::fragment<wmma::matrix_a, 16, 16, WK, FragT, wmma::row_major> a[kFm];
       wmma::fragment<wmma::matrix_b, 16, 16, WK, FragT, wmma::col_major> b[kFn];
 #pragma unroll
-      for (int i = 0; i < kFm; ++i) {
-        wmma::load_matrix_sync(a[i], a_warp + i * 16 * LDS + kk, LDS);
-        if constexpr (kTf32) {
+      for (int i = 0; i < kFm; ++i) load_operand(a[i], a_warp + i * 16 * LDS + kk, LDS);
 #pragma unroll
-          for (int t = 0; t < a[i].num_elements; ++t) a[i].x[t] = wmma::__float_to_tf32(a[i].x[t]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kFn; ++j) {
-        wmma::load_matrix_sync(b[j], b_warp + j * 16 * LDS + kk, LDS);
-        if constexpr (kTf32) {
-#pragma unroll
-          for (int t = 0; t < b[j].num_elements; ++t) b[j].x[t] = wmma::__float_to_tf32(b[j].x[t]);
-        }
-      }
+      for (int j = 0; j < kFn; ++j) load_operand(b[j], b_warp + j * 16 * LDS + kk, LDS);
 #pragma unroll
       for (int i = 0; i < kFm; ++i)
 #pragma unroll
