@@ -1,20 +1,18 @@
 // The op's schema, its argument checks and its CPU kernel.
 //
 // y = act_out(PW(DW(act_in(x))) + bias) + residual, computed in NHWC chunks of output pixels:
-// the depthwise result of a chunk stays in cache and feeds one matrix product with the folded
-// pointwise weights; bias, ReLU and residual are applied while the product's rows are still hot.
+// the depthwise result of a chunk stays in cache and feeds a register-tiled product with the
+// folded pointwise weights; bias, ReLU and residual are applied to each tile before its one store.
 #include <Python.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <dlfcn.h>
-
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "sepconv_bn.h"
 
@@ -168,60 +166,131 @@ XF_DEPTHWISE_ROWS(c10::BFloat16, float)
 XF_DEPTHWISE_ROWS(c10::Half, float)
 #undef XF_DEPTHWISE_ROWS
 
-// out[p][co] = act(y[p][co] + bias[co]) + residual[p][co], rows [r_begin, r_end) of a chunk.
+// act(v + *bias) + *residual in the output's dtype; bias and residual may be null.
 template <typename scalar_t, typename acc_t>
-void epilogue_rows(const acc_t* y, scalar_t* out, const acc_t* bias, const scalar_t* residual, int64_t r_begin,
-                   int64_t r_end, int64_t Cout, bool relu_output) {
+inline scalar_t epilogue_value(acc_t v, const acc_t* bias, bool relu_output, const scalar_t* residual) {
+  if (bias) v += *bias;
+  if (relu_output) v = v < acc_t(0) ? acc_t(0) : v;
+  if (residual) v += elem_cast<acc_t>(*residual);
+  return elem_cast<scalar_t>(v);
+}
+
+// The pointwise product, register-tiled: a tile of kTileRows output pixels x one vector of output
+// channels accumulates over all C input channels in registers (the depthwise rows it reads stay in
+// L1 across the panels of weights), then bias, ReLU and residual are applied and the tile is stored
+// once, in the output's dtype. The weights are packed per call into panels of one vector's width
+// ([panel][C][lanes], zero-padded past Cout), so that each step of the C loop is one vector load.
+// Why not the BLAS: with C of 64 to 256, the BLAS packs its operands anew per call and reaches
+// about two thirds of this loop's speed on the products of Xception's entry flow, and its result
+// would take another pass through memory for the epilogue.
+constexpr int kVectorBytes = 64;
+constexpr int64_t kTileRows = 6;  // 6 vectors of accumulators: 12 registers of AVX2, 6 of AVX-512
+// The C loop sums in blocks of this many terms, each block's partial sums then added to the
+// tile's: rounding error then grows with C / kSumBlock + kSumBlock rather than with C, as in the
+// BLAS's own blocked sums (one running sum over C = 1536 is several times less exact than eager).
+constexpr int64_t kSumBlock = 64;
+template <typename acc_t>
+constexpr int64_t kLanes = kVectorBytes / sizeof(acc_t);
+// GCC vector types (one per accumulator dtype: the attribute cannot take a template parameter).
+template <typename acc_t>
+struct VectorOf;
+template <>
+struct VectorOf<float> {
+  using type = float __attribute__((vector_size(kVectorBytes)));
+};
+template <>
+struct VectorOf<double> {
+  using type = double __attribute__((vector_size(kVectorBytes)));
+};
+
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void product_rows_impl(const acc_t* __restrict__ d, int64_t blocks,
+                                                              int64_t valid_rows, int64_t C,
+                                                              const acc_t* __restrict__ packed, int64_t Cout,
+                                                              const acc_t* __restrict__ bias,
+                                                              const scalar_t* __restrict__ residual,
+                                                              scalar_t* __restrict__ out, bool relu_output) {
+  using vec_t = typename VectorOf<acc_t>::type;
+  constexpr int64_t lanes = kLanes<acc_t>;
+  const int64_t panels = (Cout + lanes - 1) / lanes;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const acc_t* __restrict__ a = d + b * kTileRows * C;
+    const int64_t rows = std::min(kTileRows, valid_rows - b * kTileRows);
+    for (int64_t p = 0; p < panels; ++p) {
+      const acc_t* __restrict__ w = packed + p * C * lanes;
+      vec_t acc[kTileRows] = {};
+      for (int64_t k0 = 0; k0 < C; k0 += kSumBlock) {
+        vec_t partial[kTileRows] = {};
+        for (int64_t k = k0; k < std::min(C, k0 + kSumBlock); ++k) {
+          vec_t wk;
+          std::memcpy(&wk, w + k * lanes, sizeof(wk));
+#pragma GCC unroll 6
+          for (int64_t r = 0; r < kTileRows; ++r) partial[r] += a[r * C + k] * wk;
+        }
+#pragma GCC unroll 6
+        for (int64_t r = 0; r < kTileRows; ++r) acc[r] += partial[r];
+      }
+      const int64_t co0 = p * lanes, cols = std::min(lanes, Cout - co0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = b * kTileRows + r;
+        scalar_t* o = out + row * Cout + co0;
+        const scalar_t* res = residual ? residual + row * Cout + co0 : nullptr;
+        for (int64_t j = 0; j < cols; ++j) {
+          o[j] = epilogue_value<scalar_t>(acc[r][j], bias ? bias + co0 + j : nullptr, relu_output,
+                                          res ? res + j : nullptr);
+        }
+      }
+    }
+  }
+}
+
+#define XF_PRODUCT_ROWS(scalar_t, acc_t)                                                                      \
+  XF_CPU_CLONES void product_rows(const acc_t* d, int64_t blocks, int64_t valid_rows, int64_t C,             \
+                                  const acc_t* packed, int64_t Cout, const acc_t* bias, const scalar_t* residual, \
+                                  scalar_t* out, bool relu_output) {                                          \
+    product_rows_impl<scalar_t, acc_t>(d, blocks, valid_rows, C, packed, Cout, bias, residual, out, relu_output); \
+  }
+XF_PRODUCT_ROWS(float, float)
+XF_PRODUCT_ROWS(double, double)
+XF_PRODUCT_ROWS(c10::BFloat16, float)
+XF_PRODUCT_ROWS(c10::Half, float)
+#undef XF_PRODUCT_ROWS
+
+// out[p][co] = act(y[p][co]) + residual[p][co], rows [r_begin, r_end) (y has the bias added).
+template <typename scalar_t, typename acc_t>
+void epilogue_rows(const acc_t* y, scalar_t* out, const scalar_t* residual, int64_t r_begin, int64_t r_end,
+                   int64_t Cout, bool relu_output) {
   for (int64_t r = r_begin; r < r_end; ++r) {
     const acc_t* yr = y + r * Cout;
     scalar_t* o = out + r * Cout;
     const scalar_t* res = residual ? residual + r * Cout : nullptr;
     for (int64_t co = 0; co < Cout; ++co) {
-      acc_t v = yr[co];
-      if (bias) v += bias[co];
-      if (relu_output) v = v < acc_t(0) ? acc_t(0) : v;
-      if (res) v += elem_cast<acc_t>(res[co]);
-      o[co] = elem_cast<scalar_t>(v);
+      o[co] = epilogue_value<scalar_t>(yr[co], static_cast<const acc_t*>(nullptr), relu_output,
+                                       res ? res + co : nullptr);
     }
   }
 }
 
-// Each thread runs its own matrix products inside the op's parallel region. torch turns MKL's
-// dynamic threading off, so an MKL call there would start a nested team per thread and
-// oversubscribe the cores; MKL's thread-local setting makes the calls of this thread sequential.
-// Looked up at run time (MKL's C entry point; mkl_set_num_threads_local is the Fortran one, by
-// pointer): torch builds without MKL simply lack it.
-class SequentialBlasInThisThread {
- public:
-  SequentialBlasInThisThread() {
-    if (set_local_) previous_ = set_local_(1);
-  }
-  ~SequentialBlasInThisThread() {
-    if (set_local_) set_local_(previous_);
-  }
+// Whether the product goes to oneDNN instead of the register tiles: the tiles read the whole
+// weight matrix once per tile of rows, from L2 or L3, which keeps up with the arithmetic up to a
+// few MB of weights (Xception's 728 -> 728 and 728 -> 1024 units, measured here faster than
+// oneDNN); past that (1024 -> 1536, 1536 -> 2048) oneDNN's cache-blocked kernels are faster.
+bool product_bound(int64_t C, int64_t Cout, int64_t acc_size) { return C * Cout * acc_size > (int64_t{4} << 20); }
 
- private:
-  using SetLocal = int (*)(int);
-  static inline const SetLocal set_local_ =
-      reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
-  int previous_ = 0;
-};
-
-// Output pixels per chunk. Each chunk is one matrix product against the whole pointwise weight,
-// which the BLAS packs anew per call, so chunks are kept long (about 256 rows or more where the
-// image has them) while the depthwise chunk (rows x C accumulators) stays near 1 MB. The chunk
-// count is a multiple of the thread count and the chunks are of equal length, so that every
-// thread gets the same work.
-int64_t chunk_rows_for(int64_t C, int64_t M, int64_t threads) {
-  const int64_t target = std::clamp<int64_t>((int64_t{1} << 18) / C, 256, 2048);
-  const int64_t rounds = std::max<int64_t>((M + threads * target - 1) / (threads * target), 1);
-  const int64_t chunks = threads * rounds;
-  return std::max<int64_t>((M + chunks - 1) / chunks, 1);
+// [Cout, C, 1, 1] -> [panel][C][lanes] in the accumulator dtype, zero past Cout.
+at::Tensor pack_pointwise(const at::Tensor& pw_weight, at::ScalarType acc_dtype, int64_t lanes) {
+  const int64_t Cout = pw_weight.size(0), C = pw_weight.size(1);
+  const int64_t panels = (Cout + lanes - 1) / lanes;
+  auto w = pw_weight.detach().reshape({Cout, C}).to(acc_dtype);
+  w = at::constant_pad_nd(w, {0, 0, 0, panels * lanes - Cout});
+  return w.reshape({panels, lanes, C}).transpose(1, 2).contiguous();
 }
 
-// Whether the product's arithmetic, not memory traffic, decides the unit's time: Xception's
-// middle and exit flows (C >= 512). With fewer channels the chunked path's saved round trips win.
-bool product_bound(int64_t C, int64_t Cout, int64_t M) { return C >= 512 && Cout >= 512 && M >= 64; }
+// Tiles per chunk of a thread's work: the depthwise result of a chunk (rows x C accumulators)
+// stays within about 64 KB, so the tile being multiplied reads it from L1 or L2.
+int64_t chunk_blocks_for(int64_t C, int64_t acc_size) {
+  return std::clamp<int64_t>((int64_t{1} << 16) / (kTileRows * C * acc_size), 1, 16);
+}
 
 at::Tensor sepconv_bn_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
                           const std::optional<at::Tensor>& bias, bool relu_input, bool relu_output,
@@ -236,65 +305,56 @@ at::Tensor sepconv_bn_cpu(const at::Tensor& x, const at::Tensor& dw_weight, cons
   if (out.numel() == 0) return out.contiguous(memory_format);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sepconv_bn_cpu", [&] {
+    // Half types accumulate, and multiply, in fp32: the depthwise result is never rounded to them.
+    // (A bfloat16 product, as eager's convs use, is faster on CPUs with bf16 dot-product
+    // instructions, but moves ReLU's zero crossings away from the exact result's, which the
+    // gradients then show.)
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    const auto acc_options = x.options().dtype(acc_dtype);
-    const auto taps = dw_weight.to(acc_dtype).reshape({C, 9}).t().contiguous();  // [9][C]
-    // Half types multiply in fp32: the depthwise result is never rounded to them. (A bfloat16
-    // product, as eager's convs use, is faster on CPUs with bf16 dot-product instructions, but
-    // moves ReLU's zero crossings away from the exact result's, which the gradients then show.)
-    const auto pw_t = pw_weight.detach().to(acc_dtype).reshape({Cout, C}).t();  // [C][Cout] view
+    const auto taps = dw_weight.detach().to(acc_dtype).reshape({C, 9}).t().contiguous();  // [9][C]
     at::Tensor bias_acc;
-    if (bias.has_value()) bias_acc = bias->to(acc_dtype).contiguous();
-
-    const int64_t M = N * H * W;
-    // fp32 / fp64 outputs take the product in place; half types go through an accumulator buffer.
-    constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;
+    if (bias.has_value()) bias_acc = bias->detach().to(acc_dtype).contiguous();
 
     const scalar_t* x_ptr = x_nhwc.const_data_ptr<scalar_t>();
     const acc_t* taps_ptr = taps.const_data_ptr<acc_t>();
     const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
     const scalar_t* res_ptr = res_nhwc.defined() ? res_nhwc.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t M = N * H * W;
 
-    if (product_bound(C, Cout, M)) {
+    if (product_bound(C, Cout, sizeof(acc_t))) {
       // The depthwise result of the whole batch goes through memory once (at these channel counts
       // its bytes are small next to the product's arithmetic) and the product runs as one 1x1
-      // convolution over it in oneDNN, which is faster here than per-chunk BLAS calls; BatchNorm
-      // stays folded into its weights and bias, ReLU and residual are applied in one pass.
-      auto d = at::empty({N, C, H, W}, acc_options.memory_format(at::MemoryFormat::ChannelsLast));
+      // convolution over it in oneDNN; BatchNorm stays folded into its weights and bias, ReLU and
+      // residual are applied in one pass.
+      auto d = at::empty({N, C, H, W}, x.options().dtype(acc_dtype).memory_format(at::MemoryFormat::ChannelsLast));
       acc_t* d_ptr = d.mutable_data_ptr<acc_t>();
       at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
         depthwise_rows(x_ptr, taps_ptr, d_ptr + b * C, b, e, H, W, C, relu_input);
       });
       auto y = at::conv2d(d, pw_weight.detach().to(acc_dtype), bias_acc).contiguous(at::MemoryFormat::ChannelsLast);
-      if constexpr (in_place) out = y;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) out = y;
       const acc_t* y_ptr = y.const_data_ptr<acc_t>();
       scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
-        epilogue_rows<scalar_t, acc_t>(y_ptr, o_ptr, nullptr, res_ptr, b, e, Cout, relu_output);
+        epilogue_rows<scalar_t, acc_t>(y_ptr, o_ptr, res_ptr, b, e, Cout, relu_output);
       });
       return;
     }
-    const int64_t chunk = chunk_rows_for(C, M, at::get_num_threads());
-    const int64_t num_chunks = (M + chunk - 1) / chunk;
-    auto out2d = out.permute({0, 2, 3, 1}).reshape({M, Cout});  // a view: out is NHWC-contiguous
+    const auto packed = pack_pointwise(pw_weight, acc_dtype, kLanes<acc_t>);
+    const acc_t* packed_ptr = packed.const_data_ptr<acc_t>();
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-    // One parallel region: each thread runs whole chunks (depthwise, product, epilogue), so the
-    // chunk never leaves its core's cache and threads meet only at the end.
-    at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-      // Worker threads do not inherit the op's dispatch state; the product must not see autograd.
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      SequentialBlasInThisThread sequential_blas;
-      auto dbuf = at::empty({chunk, C}, acc_options);
-      auto ybuf = in_place ? at::Tensor() : at::empty({chunk, Cout}, acc_options);
-      acc_t* d_ptr = dbuf.mutable_data_ptr<acc_t>();
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        const int64_t p0 = c * chunk, rows = std::min(chunk, M - p0);
-        depthwise_rows(x_ptr, taps_ptr, d_ptr, p0, p0 + rows, H, W, C, relu_input);
-        auto y = in_place ? out2d.narrow(0, p0, rows) : ybuf.narrow(0, 0, rows);
-        at::mm_out(y, dbuf.narrow(0, 0, rows), pw_t);
-        epilogue_rows<scalar_t, acc_t>(y.const_data_ptr<acc_t>(), out_ptr + p0 * Cout, bias_ptr,
-                                       res_ptr ? res_ptr + p0 * Cout : nullptr, 0, rows, Cout, relu_output);
+    const int64_t blocks = (M + kTileRows - 1) / kTileRows;
+    const int64_t chunk_blocks = chunk_blocks_for(C, sizeof(acc_t));
+    // Each thread runs whole chunks (depthwise into its own buffer, product, epilogue), so a chunk
+    // never leaves its core's caches and threads meet only at the end.
+    at::parallel_for(0, blocks, chunk_blocks, [&](int64_t b_begin, int64_t b_end) {
+      std::vector<acc_t> d(static_cast<size_t>(chunk_blocks * kTileRows * C));
+      for (int64_t b0 = b_begin; b0 < b_end; b0 += chunk_blocks) {
+        const int64_t nb = std::min(chunk_blocks, b_end - b0);
+        const int64_t p0 = b0 * kTileRows, rows = std::min(nb * kTileRows, M - p0);
+        depthwise_rows(x_ptr, taps_ptr, d.data(), p0, p0 + rows, H, W, C, relu_input);
+        product_rows(d.data(), nb, rows, C, packed_ptr, Cout, bias_ptr, res_ptr ? res_ptr + p0 * Cout : nullptr,
+                     out_ptr + p0 * Cout, relu_output);
       }
     });
   });
