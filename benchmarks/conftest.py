@@ -22,6 +22,8 @@ def results():
         # (the search happens in the untimed warm-up).
         torch.backends.cudnn.benchmark = True
     env = environment(harness.DEVICE, harness.PROFILE)
+    if harness.DEVICE.type == "cpu":
+        env["host_allocator"] = harness.keep_freed_host_memory()
     peaks = device_peaks(harness.DEVICE, env["device"])
     _results = Results(env, peaks, harness.OUT_DIR)
     return _results

@@ -7,6 +7,8 @@ Environment:
     XCEPTION_FAST_BENCH_DIR      where the summary goes (default: benchmarks/results)
 """
 import contextlib
+import ctypes
+import ctypes.util
 import itertools
 import math
 import os
@@ -49,13 +51,14 @@ _GPU_FUSED = ("fused_cuda", "fused_triton")
 # Per device and profile: kind -> [(dtype or precision, batch, contenders)]. On a CPU the matrix is
 # sized so that the full profile stays within ~10 minutes on 2 cores: the per-layer target
 # configuration (batch 8, fp32) gets every contender; torch.compile (slow to compile there) runs
-# once per unit shape at that configuration and once for the model at batch 8; the training step
-# runs at batch 4; batch 32 is left to GPUs.
+# once per unit shape at that configuration and once for the model at batch 8; batch 32 races the
+# fused op against eager channels_last only; the training step runs at batch 4.
 MATRIX = {
     ("cpu", "full"): {
         "unit": [("fp32", 8, ("eager_nchw", "eager_cl", "compile", "fused_cpu")),
                  ("bf16", 8, ("eager_nchw", "eager_cl", "fused_cpu")),
-                 ("fp32", 1, ("eager_nchw", "eager_cl", "fused_cpu"))],
+                 ("fp32", 1, ("eager_nchw", "eager_cl", "fused_cpu")),
+                 ("fp32", 32, ("eager_cl", "fused_cpu"))],
         "infer": [("fp32", 1, ("eager_nchw", "eager_cl", "fused_cpu")),
                   ("fp32", 8, ("eager_nchw", "eager_cl", "compile", "fused_cpu"))],
         "train": [("fp32", 4, ("eager_cl", "fused_cpu"))],
@@ -293,6 +296,25 @@ def precision_context(precision, inference):
 
 # ----------------------------------------------------------------------------------------------
 # Timing
+
+def keep_freed_host_memory():
+    """Make glibc keep the memory this process frees, as a caching allocator (jemalloc, tcmalloc,
+    which PyTorch's CPU performance guide recommends) does: no fresh mapping per large tensor, no
+    freed memory handed back to the kernel. Otherwise every large tensor is mapped anew and its
+    first write takes a page fault per 4 KB, which on a VM costs as much as the arithmetic of a
+    147 x 147 unit and depends on what the process ran before (measured here: the eager model at
+    batch 8 took 0.79 s after the per-layer runs, 1.2 s in a fresh process). With it, every
+    contender runs in the same steady state, the one a long-running process reaches. Returns what
+    was set, for the summary."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return "the platform's own (no glibc mallopt)"
+    m_trim_threshold, m_mmap_max = -1, -4
+    if mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2 ** 31 - 1):
+        return "glibc, keeping freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB)"
+    return "the platform's own (mallopt refused)"
+
 
 # Per device: a time budget per benchmark and bounds on its rounds, and on a GPU a warm-up long
 # enough for clocks to settle.

@@ -129,6 +129,8 @@ class Results:
         ]
         if self.env.get("load_average_at_start") is not None:
             lines.append(f"- load average (1 min) when the run started: {self.env['load_average_at_start']:.2f}")
+        if self.env.get("host_allocator"):
+            lines.append(f"- host memory allocator: {self.env['host_allocator']}")
         if any(r["roofline_fraction"] > 1 for r in self.rows):
             lines.append("- **some results exceed 100 % of the roofline: the peaks above understate what this "
                          "device reached (if measured: while other processes loaded it?). Read the roofline "

@@ -231,14 +231,35 @@ inline __attribute__((always_inline)) void product_rows_impl(const acc_t* __rest
         for (int64_t r = 0; r < kTileRows; ++r) acc[r] += partial[r];
       }
       const int64_t co0 = p * lanes, cols = std::min(lanes, Cout - co0);
+      if (cols < lanes) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = b * kTileRows + r;
+          scalar_t* o = out + row * Cout + co0;
+          const scalar_t* res = residual ? residual + row * Cout + co0 : nullptr;
+          for (int64_t j = 0; j < cols; ++j) {
+            o[j] = epilogue_value<scalar_t>(acc[r][j], bias ? bias + co0 + j : nullptr, relu_output,
+                                            res ? res + j : nullptr);
+          }
+        }
+        continue;
+      }
+      // A whole vector of output channels: the same epilogue in vector operations (with small C
+      // the scalar form costs as much as the product).
+      vec_t bias_v = {};
+      if (bias) std::memcpy(&bias_v, bias + co0, sizeof(bias_v));
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = b * kTileRows + r;
-        scalar_t* o = out + row * Cout + co0;
-        const scalar_t* res = residual ? residual + row * Cout + co0 : nullptr;
-        for (int64_t j = 0; j < cols; ++j) {
-          o[j] = epilogue_value<scalar_t>(acc[r][j], bias ? bias + co0 + j : nullptr, relu_output,
-                                          res ? res + j : nullptr);
+        vec_t v = acc[r];
+        if (bias) v += bias_v;
+        if (relu_output) v = v < acc_t(0) ? vec_t{} : v;
+        if (residual) {
+          const scalar_t* res = residual + row * Cout + co0;
+          vec_t res_v;
+          for (int64_t j = 0; j < lanes; ++j) res_v[j] = elem_cast<acc_t>(res[j]);
+          v += res_v;
         }
+        scalar_t* o = out + row * Cout + co0;
+        for (int64_t j = 0; j < lanes; ++j) o[j] = elem_cast<scalar_t>(v[j]);
       }
     }
   }
