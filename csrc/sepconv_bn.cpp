@@ -155,15 +155,15 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const scalar_t* _
 #define XF_CPU_CLONES
 #endif
 
+// The (dtype, accumulator dtype) pairs the CPU kernel is instantiated for.
+#define XF_FOR_EACH_CPU_DTYPE(X) X(float, float) X(double, double) X(c10::BFloat16, float) X(c10::Half, float)
+
 #define XF_DEPTHWISE_ROWS(scalar_t, acc_t)                                                                    \
   XF_CPU_CLONES void depthwise_rows(const scalar_t* x, const acc_t* taps, acc_t* out, int64_t p_begin,       \
                                     int64_t p_end, int64_t H, int64_t W, int64_t C, bool relu_input) {       \
     depthwise_rows_impl<scalar_t, acc_t>(x, taps, out, p_begin, p_end, H, W, C, relu_input);                 \
   }
-XF_DEPTHWISE_ROWS(float, float)
-XF_DEPTHWISE_ROWS(double, double)
-XF_DEPTHWISE_ROWS(c10::BFloat16, float)
-XF_DEPTHWISE_ROWS(c10::Half, float)
+XF_FOR_EACH_CPU_DTYPE(XF_DEPTHWISE_ROWS)
 #undef XF_DEPTHWISE_ROWS
 
 // act(v + *bias) + *residual in the output's dtype; bias and residual may be null.
@@ -271,10 +271,7 @@ inline __attribute__((always_inline)) void product_rows_impl(const acc_t* __rest
                                   scalar_t* out, bool relu_output) {                                          \
     product_rows_impl<scalar_t, acc_t>(d, blocks, valid_rows, C, packed, Cout, bias, residual, out, relu_output); \
   }
-XF_PRODUCT_ROWS(float, float)
-XF_PRODUCT_ROWS(double, double)
-XF_PRODUCT_ROWS(c10::BFloat16, float)
-XF_PRODUCT_ROWS(c10::Half, float)
+XF_FOR_EACH_CPU_DTYPE(XF_PRODUCT_ROWS)
 #undef XF_PRODUCT_ROWS
 
 // out[p][co] = act(y[p][co]) + residual[p][co], rows [r_begin, r_end) (y has the bias added).
