@@ -47,14 +47,19 @@ def test_channel_counts(device, c, cout):
         check(1, c, cout, 4, 3, device=device, dtype=dtype, relu_output=True, residual=True)
 
 
+# Channel counts past 512 with many pixels, for the CPU kernel's two products: its register tiles,
+# and oneDNN once the pointwise weights pass 4 MB (Xception's 1024 -> 1536 and 1536 -> 2048).
+MANY_CHANNELS_IN_REGISTER_TILES = (520, 600)
+MANY_CHANNELS_IN_ONEDNN = (1100, 1000)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("relu_input, relu_output, residual", [(True, False, True), (False, True, False)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_many_channels_and_pixels(device, relu_input, relu_output, residual, layout):
-    """The middle and exit flows' regime (C >= 512 with enough pixels), which the CPU kernel runs
-    through a different path than the small-channel units."""
+@pytest.mark.parametrize("c, cout", [MANY_CHANNELS_IN_REGISTER_TILES, MANY_CHANNELS_IN_ONEDNN])
+def test_many_channels_and_pixels(device, relu_input, relu_output, residual, layout, c, cout):
     for dtype in DTYPES[device]:
-        check(2, 520, 600, 9, 7, device=device, dtype=dtype, layout=layout, relu_input=relu_input,
+        check(2, c, cout, 9, 7, device=device, dtype=dtype, layout=layout, relu_input=relu_input,
               relu_output=relu_output, residual=residual)
 
 
@@ -105,8 +110,9 @@ def test_float32_weights_with_bfloat16_input():
 
 
 def test_op_is_not_recast_under_autocast():
-    """The op computes in x's dtype under autocast too (the fused modules cast x themselves)."""
-    inputs = make_sepconv_inputs(2, 520, 600, 9, 7, layout="channels_last", residual=True)
+    """The op computes in x's dtype under autocast too (the fused modules cast x themselves), also
+    where the CPU kernel's product is an ATen convolution."""
+    inputs = make_sepconv_inputs(2, *MANY_CHANNELS_IN_ONEDNN, 9, 7, layout="channels_last", residual=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused, _ = run_both(inputs, True, True, "cpu")
     eager = sepconv_bn_reference(inputs["x"], inputs["dw_weight"], inputs["pw_weight"], inputs["bias"], True, True,
