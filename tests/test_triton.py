@@ -205,6 +205,29 @@ def test_python_api_backend_triton_is_this_op():
     assert torch.equal(via_api, direct)
 
 
+ALL = "all of the dtype's configs"
+PRUNED_TILES = [  # (dtype, M, C, Cout) -> the (BLOCK_M, BLOCK_N, BLOCK_K) tuned on a GPU
+    (torch.bfloat16, 20, 3, 5, {(64, 64, 32)}),  # every tile is wider: the smallest alone
+    (torch.float32, 20, 3, 5, {(32, 64, 32)}),
+    (torch.bfloat16, 100, 40, 30, {(128, 64, 32), (64, 64, 32)}),
+    (torch.float32, 100, 40, 30, {(64, 64, 32), (32, 64, 32)}),
+    (torch.bfloat16, 300000, 64, 128,
+     {(128, 128, 64), (128, 128, 32), (64, 128, 32), (128, 64, 32), (64, 64, 32)}),
+    (torch.bfloat16, 2888, 728, 728, ALL),
+    (torch.float32, 2888, 728, 728, ALL),
+]
+
+
+@pytest.mark.parametrize("dtype, m, c, cout, tiles", PRUNED_TILES)
+def test_autotuning_keeps_the_tiles_that_fit_the_problem(dtype, m, c, cout, tiles):
+    ours = triton_sepconv._FP32_CONFIGS if dtype == torch.float32 else triton_sepconv._HALF_CONFIGS
+    kept = triton_sepconv._prune_configs(triton_sepconv._GPU_CONFIGS,
+                                         {"x_ptr": torch.empty(0, dtype=dtype), "M": m, "C": c, "Cout": cout})
+    expected = ours if tiles == ALL else [cfg for cfg in ours if
+                                          (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]) in tiles]
+    assert kept == expected
+
+
 # ----------------------------------------------------------------------------------------------
 # Gradients (the shared backward in xception_fast.autograd, recomputing through this op)
 

@@ -70,7 +70,7 @@ def _next_pow2(n):
 
 def _prune_configs(configs, named_args, **kwargs):
     """The configs for x's dtype, less tiles far wider than the problem (mostly masked work), so
-    that tuning small shapes is cheap."""
+    that tuning small shapes is cheap; where every tile is wider, the smallest one alone."""
     ours = _FP32_CONFIGS if named_args["x_ptr"].dtype == torch.float32 else _HALF_CONFIGS
     ours = [cfg for cfg in configs if cfg in ours]
     cap_m = max(32, _next_pow2(named_args["M"]))
@@ -78,7 +78,8 @@ def _prune_configs(configs, named_args, **kwargs):
     cap_k = max(32, _next_pow2(named_args["C"]))
     kept = [cfg for cfg in ours
             if cfg.kwargs["BLOCK_M"] <= cap_m and cfg.kwargs["BLOCK_N"] <= cap_n and cfg.kwargs["BLOCK_K"] <= cap_k]
-    return kept or ours
+    smallest = min(ours, key=lambda cfg: (cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]))
+    return kept or [smallest]
 
 
 def _autotune(fn):
