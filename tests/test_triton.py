@@ -223,8 +223,10 @@ def test_autotuning_keeps_the_tiles_that_fit_the_problem(dtype, m, c, cout, tile
     ours = triton_sepconv._FP32_CONFIGS if dtype == torch.float32 else triton_sepconv._HALF_CONFIGS
     kept = triton_sepconv._prune_configs(triton_sepconv._GPU_CONFIGS,
                                          {"x_ptr": torch.empty(0, dtype=dtype), "M": m, "C": c, "Cout": cout})
-    expected = ours if tiles == ALL else [cfg for cfg in ours if
-                                          (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]) in tiles]
+    def tile(cfg):
+        return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+
+    expected = ours if tiles == ALL else [cfg for cfg in ours if tile(cfg) in tiles]
     assert kept == expected
 
 
