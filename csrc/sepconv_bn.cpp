@@ -352,7 +352,10 @@ at::Tensor sepconv_bn_cpu(const at::Tensor& x, const at::Tensor& dw_weight, cons
         depthwise_rows(x_ptr, taps_ptr, d_ptr + b * C, b, e, H, W, C, relu_input);
       });
       auto y = at::conv2d(d, pw_weight.detach().to(acc_dtype), bias_acc).contiguous(at::MemoryFormat::ChannelsLast);
-      if constexpr (std::is_same_v<scalar_t, acc_t>) out = y;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        out = y;
+        if (!relu_output && res_ptr == nullptr) return;  // y is already the result
+      }
       const acc_t* y_ptr = y.const_data_ptr<acc_t>();
       scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {

@@ -54,7 +54,8 @@ MANY_CHANNELS_IN_ONEDNN = (1100, 1000)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("relu_input, relu_output, residual", [(True, False, True), (False, True, False)])
+@pytest.mark.parametrize("relu_input, relu_output, residual",
+                         [(True, False, True), (False, True, False), (True, False, False)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("c, cout", [MANY_CHANNELS_IN_REGISTER_TILES, MANY_CHANNELS_IN_ONEDNN])
 def test_many_channels_and_pixels(device, relu_input, relu_output, residual, layout, c, cout):
