@@ -116,32 +116,89 @@ inline c10::BFloat16 elem_cast<c10::BFloat16, float>(float f) {
   return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
 }
 
+// Both kernels' inner loops work on one vector of channels at a time: 64 bytes, one AVX-512
+// register or two AVX2 ones.
+constexpr int kVectorBytes = 64;
+template <typename acc_t>
+constexpr int64_t kLanes = kVectorBytes / sizeof(acc_t);
+// GCC vector types (one per accumulator dtype: the attribute cannot take a template parameter).
+template <typename acc_t>
+struct VectorOf;
+template <>
+struct VectorOf<float> {
+  using type = float __attribute__((vector_size(kVectorBytes)));
+};
+template <>
+struct VectorOf<double> {
+  using type = double __attribute__((vector_size(kVectorBytes)));
+};
+
+// One vector of channels of x, in the accumulator dtype.
+template <typename acc_t, typename scalar_t>
+inline __attribute__((always_inline)) typename VectorOf<acc_t>::type load_vector(const scalar_t* src) {
+  typename VectorOf<acc_t>::type v;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(&v, src, sizeof(v));
+  } else {
+    for (int64_t j = 0; j < kLanes<acc_t>; ++j) v[j] = elem_cast<acc_t>(src[j]);
+  }
+  return v;
+}
+
 // Depthwise 3x3 (stride 1, padding 1) of NHWC pixels [p_begin, p_end) into out[p - p_begin][C].
+// Pixels go in batches whose neighbours' offsets are found once; then, one vector of channels at
+// a time, the nine taps stay in registers while each pixel's sum builds in a register and is
+// stored once (summed per channel in the same tap order as a loop over channels would).
 template <typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void depthwise_rows_impl(const scalar_t* __restrict__ x,
                                                                 const acc_t* __restrict__ taps, acc_t* __restrict__ out,
                                                                 int64_t p_begin, int64_t p_end, int64_t H, int64_t W,
                                                                 int64_t C, bool relu_input) {
-  for (int64_t p = p_begin; p < p_end; ++p) {
-    const int64_t w = p % W, h = (p / W) % H, n = p / (W * H);
-    acc_t* __restrict__ acc = out + (p - p_begin) * C;
-    std::fill(acc, acc + C, acc_t(0));
-    for (int64_t kh = 0; kh < 3; ++kh) {
-      const int64_t ih = h + kh - 1;
-      if (ih < 0 || ih >= H) continue;
-      for (int64_t kw = 0; kw < 3; ++kw) {
-        const int64_t iw = w + kw - 1;
-        if (iw < 0 || iw >= W) continue;
-        const scalar_t* __restrict__ src = x + ((n * H + ih) * W + iw) * C;
-        const acc_t* __restrict__ tap = taps + (kh * 3 + kw) * C;
-        if (relu_input) {
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t v = elem_cast<acc_t>(src[c]);
-            acc[c] += (v < acc_t(0) ? acc_t(0) : v) * tap[c];
-          }
-        } else {
-          for (int64_t c = 0; c < C; ++c) acc[c] += elem_cast<acc_t>(src[c]) * tap[c];
+  using vec_t = typename VectorOf<acc_t>::type;
+  constexpr int64_t lanes = kLanes<acc_t>;
+  constexpr int64_t kBatch = 64;
+  int64_t neighbour[kBatch][9];  // element offset of each tap's input pixel, -1 outside the image
+  int64_t w = p_begin % W, h = (p_begin / W) % H, n = p_begin / (W * H);
+  for (int64_t q0 = p_begin; q0 < p_end; q0 += kBatch) {
+    const int64_t count = std::min(kBatch, p_end - q0);
+    for (int64_t q = 0; q < count; ++q) {
+      for (int64_t t = 0; t < 9; ++t) {
+        const int64_t ih = h + t / 3 - 1, iw = w + t % 3 - 1;
+        neighbour[q][t] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? ((n * H + ih) * W + iw) * C : -1;
+      }
+      if (++w == W) {
+        w = 0;
+        if (++h == H) {
+          h = 0;
+          ++n;
         }
+      }
+    }
+    acc_t* __restrict__ dst = out + (q0 - p_begin) * C;
+    int64_t c0 = 0;
+    for (; c0 + lanes <= C; c0 += lanes) {
+      vec_t tap[9];
+      for (int64_t t = 0; t < 9; ++t) std::memcpy(&tap[t], taps + t * C + c0, sizeof(vec_t));
+      for (int64_t q = 0; q < count; ++q) {
+        vec_t acc = {};
+        for (int64_t t = 0; t < 9; ++t) {
+          if (neighbour[q][t] < 0) continue;
+          vec_t v = load_vector<acc_t>(x + neighbour[q][t] + c0);
+          if (relu_input) v = v < acc_t(0) ? vec_t{} : v;
+          acc += v * tap[t];
+        }
+        std::memcpy(dst + q * C + c0, &acc, sizeof(acc));
+      }
+    }
+    for (int64_t q = 0; q < count && c0 < C; ++q) {
+      for (int64_t c = c0; c < C; ++c) {
+        acc_t acc = 0;
+        for (int64_t t = 0; t < 9; ++t) {
+          if (neighbour[q][t] < 0) continue;
+          const acc_t v = elem_cast<acc_t>(x[neighbour[q][t] + c]);
+          acc += (relu_input && v < acc_t(0) ? acc_t(0) : v) * taps[t * C + c];
+        }
+        dst[q * C + c] = acc;
       }
     }
   }
@@ -183,7 +240,6 @@ inline scalar_t epilogue_value(acc_t v, const acc_t* bias, bool relu_output, con
 // Why not the BLAS: with C of 64 to 256, the BLAS packs its operands anew per call and reaches
 // about 0.7x this loop's speed on the products of Xception's entry flow, and its result would
 // take another pass through memory for the epilogue.
-constexpr int kVectorBytes = 64;
 // 6 vectors of accumulators: 12 registers of AVX2, 6 of AVX-512 (8 or 12 rows measured no faster
 // with AVX-512 here, and spill with AVX2).
 constexpr int64_t kTileRows = 6;
@@ -191,19 +247,6 @@ constexpr int64_t kTileRows = 6;
 // tile's: rounding error then grows with C / kSumBlock + kSumBlock rather than with C, as in the
 // BLAS's own blocked sums (one running sum over C = 1536 is several times less exact than eager).
 constexpr int64_t kSumBlock = 64;
-template <typename acc_t>
-constexpr int64_t kLanes = kVectorBytes / sizeof(acc_t);
-// GCC vector types (one per accumulator dtype: the attribute cannot take a template parameter).
-template <typename acc_t>
-struct VectorOf;
-template <>
-struct VectorOf<float> {
-  using type = float __attribute__((vector_size(kVectorBytes)));
-};
-template <>
-struct VectorOf<double> {
-  using type = double __attribute__((vector_size(kVectorBytes)));
-};
 
 template <typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void product_rows_impl(const acc_t* __restrict__ d, int64_t blocks,
