@@ -9,9 +9,11 @@ Environment:
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import itertools
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -326,13 +328,22 @@ TIMING = {
 }
 
 
-def measure(benchmark, fn):
-    """Time ``fn`` with pytest-benchmark after a warm-up that is never timed: one call (the first
-    call pays compilation, autotuning, allocation), then more until the device's steady state
-    (TIMING). The
-    round count fills the device's budget from the warm-up's per-call time. Returns the median in
-    seconds, or None when pytest-benchmark is disabled."""
-    timing = TIMING[DEVICE.type]
+# On a CPU (here a shared VM, whose load from elsewhere comes in bursts of seconds) each contender
+# is timed round by round in alternation with eager channels_last, and its speedup over eager
+# channels_last is the ratio of the two medians of those same rounds: a burst slows both.
+PAIRED_BASELINE = {"cpu": "eager_cl", "cuda": None}
+
+
+def paired_baseline(case):
+    """The case of the contender timed in alternation with ``case``'s, or None."""
+    baseline = PAIRED_BASELINE[DEVICE.type]
+    if baseline is None or case.contender == baseline:
+        return None
+    return dataclasses.replace(case, contender=baseline)
+
+
+def _warm_up(fn, timing):
+    """Calls ``fn`` until the device's steady state (TIMING); returns the time of one call."""
     start = time.perf_counter()
     fn()
     per_call = time.perf_counter() - start
@@ -340,11 +351,31 @@ def measure(benchmark, fn):
     while calls < timing["warmup_calls"] or time.perf_counter() - start < timing["warmup_s"]:
         fn()
         calls += 1
-    if calls:
-        per_call = (time.perf_counter() - start) / calls
-    rounds = max(timing["min_rounds"], min(timing["max_rounds"], int(timing["budget_s"] / per_call)))
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
-    return None if benchmark.stats is None else benchmark.stats.stats.median
+    return (time.perf_counter() - start) / calls if calls else per_call
+
+
+def measure(benchmark, fn, baseline=None):
+    """Time ``fn`` with pytest-benchmark after a warm-up that is never timed: one call (the first
+    call pays compilation, autotuning, allocation), then more until the device's steady state
+    (TIMING). With ``baseline``, each round first runs the baseline (timed here, outside
+    pytest-benchmark's timer). The round count fills the device's budget from the warm-up's
+    per-call times. Returns the medians of ``fn`` and of the baseline in seconds (None for one
+    not timed, and for both when pytest-benchmark is disabled)."""
+    timing = TIMING[DEVICE.type]
+    per_round = _warm_up(fn, timing) + (_warm_up(baseline, timing) if baseline else 0.0)
+    rounds = max(timing["min_rounds"], min(timing["max_rounds"], int(timing["budget_s"] / per_round)))
+    baseline_times = []
+
+    def timed_baseline():
+        start = time.perf_counter()
+        baseline()
+        baseline_times.append(time.perf_counter() - start)
+
+    benchmark.pedantic(fn, setup=timed_baseline if baseline else None, rounds=rounds, warmup_rounds=0,
+                       iterations=1)
+    if benchmark.stats is None:
+        return None, None
+    return benchmark.stats.stats.median, statistics.median(baseline_times) if baseline_times else None
 
 
 def require(contender):

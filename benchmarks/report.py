@@ -71,9 +71,11 @@ class Results:
     def path(self, ext):
         return os.path.join(self.out_dir, f"{self.env['slug']}.{ext}")
 
-    def add(self, benchmark, case, median, layers, math, extra=None):
+    def add(self, benchmark, case, median, layers, math, extra=None, paired=(None, None)):
         """Attach the case's extra_info to the benchmark and keep it for the summary; ``layers``
-        is the work as [(FLOP, minimum bytes)] (see peaks.roofline)."""
+        is the work as [(FLOP, minimum bytes)] (see peaks.roofline); ``paired``: the case timed in
+        alternation with this one (harness.paired_baseline) and its median, or Nones."""
+        paired_case, paired_median = paired
         info = {
             "device": self.env["device"], "torch": self.env["torch"], "triton": self.env["triton"],
             "kind": case.kind, "shape": case.label, "dtype": case.dtype, "batch": case.batch,
@@ -81,6 +83,8 @@ class Results:
             "peak_flops": self.peaks["flops"][math], "peak_bandwidth": self.peaks["bandwidth"],
             "peaks_source": self.peaks["source"], **(extra or {}),
         }
+        if paired_case is not None and paired_median is not None:
+            info.update(paired_baseline=paired_case.contender, paired_baseline_median_s=paired_median)
         if median is not None:
             info.update(roofline(layers, median, self.peaks["flops"][math], self.peaks["bandwidth"]))
         benchmark.extra_info.update(info)
@@ -111,6 +115,8 @@ class Results:
         for r in self.rows:
             group = medians[r["group"]]
             ratios = {b: group[b] / r["median_s"] for b in BASELINES if b in group}
+            if r.get("paired_baseline_median_s") is not None:
+                ratios[r["paired_baseline"]] = r["paired_baseline_median_s"] / r["median_s"]
             compiled = [group[c] for c in COMPILERS if c in group]
             if compiled:
                 ratios["compile"] = min(compiled) / r["median_s"]
@@ -135,11 +141,14 @@ class Results:
             lines.append("- **some results exceed 100 % of the roofline: the peaks above understate what this "
                          "device reached (if measured: while other processes loaded it?). Read the roofline "
                          "column as relative only, or rerun on an idle machine.**")
+        paired_note = ("× eager CL compares with eager channels_last timed in alternation with the contender, "
+                       "round by round, in the same test (the medians of those rounds). "
+                       if any(r.get("paired_baseline") == "eager_cl" for r in self.rows) else "")
         lines += [
             "",
             "Median time per call. × eager CL / × eager NCHW / × compile: the contender's speedup over eager "
             "channels_last, eager NCHW and the fastest torch.compile of the same case (> 1 is faster). "
-            "TFLOP/s, GB/s: the work's FLOP and minimum bytes over the time (a unit: the fused unit's; the "
+            f"{paired_note}TFLOP/s, GB/s: the work's FLOP and minimum bytes over the time (a unit: the fused unit's; the "
             "model: summed over its layers, each separable unit counted as fused; a training step: FLOP only). "
             "roofline: the floor (per layer the slower of FLOP at peak and minimum bytes at peak bandwidth) "
             "over the time.",

@@ -2,7 +2,7 @@
 and the fused op side by side."""
 import pytest
 
-from .harness import DEVICE, DTYPES, build_unit, cases, measure, precision_context, require
+from .harness import DEVICE, DTYPES, build_unit, cases, measure, paired_baseline, precision_context, require
 from .peaks import math_mode, unit_cost
 
 CASES = cases("unit")
@@ -12,9 +12,10 @@ CASES = cases("unit")
 def test_unit(benchmark, results, case):
     require(case.contender)
     benchmark.group = case.group
+    baseline = paired_baseline(case)
     with precision_context(case.dtype, inference=True):
-        median = measure(benchmark, build_unit(case))
+        median, baseline_median = measure(benchmark, build_unit(case), baseline and build_unit(baseline))
     channels, out_channels, size, residual = case.shape
     dtype = DTYPES[case.dtype]
     layers = [unit_cost(case.batch * size * size, channels, out_channels, dtype.itemsize, residual)]
-    results.add(benchmark, case, median, layers, math_mode(DEVICE, dtype))
+    results.add(benchmark, case, median, layers, math_mode(DEVICE, dtype), paired=(baseline, baseline_median))

@@ -3,7 +3,8 @@ channels_last), torch.compile and the fused model side by side."""
 import pytest
 import torch
 
-from .harness import DEVICE, MODEL_PRECISIONS, build_model, cases, measure, precision_context, require
+from .harness import (DEVICE, MODEL_PRECISIONS, build_model, cases, measure, paired_baseline, precision_context,
+                      require)
 from .peaks import math_mode, model_layers
 
 CASES = cases("infer") + cases("train")
@@ -13,10 +14,12 @@ CASES = cases("infer") + cases("train")
 def test_model(benchmark, results, case):
     require(case.contender)
     benchmark.group = case.group
+    baseline = paired_baseline(case)
     with precision_context(case.dtype, inference=case.kind == "infer"):
         fn, extra = build_model(case)
-        median = measure(benchmark, fn)
+        median, baseline_median = measure(benchmark, fn, baseline and build_model(baseline)[0])
     # Under autocast the convs and the classifier run in the autocast dtype.
     dtype = MODEL_PRECISIONS[case.dtype] or torch.float32
     layers = model_layers(case.batch, dtype.itemsize, training=case.kind == "train")
-    results.add(benchmark, case, median, layers, math_mode(DEVICE, dtype), extra)
+    results.add(benchmark, case, median, layers, math_mode(DEVICE, dtype), extra,
+                paired=(baseline, baseline_median))
