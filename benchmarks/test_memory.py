@@ -28,12 +28,12 @@ from torch.profiler import ProfilerActivity, profile
 import xception_fast
 from xception_fast.model import Xception
 
-from .harness import DEVICE, PROFILE, _contender_backend, require, training_step
+from .harness import DEVICE, MODEL_PRECISIONS, PROFILE, _contender_backend, require, training_step
 
 BATCH = 8
 # The eager model's precision per device: plain fp32 on a CPU, bf16 autocast on a GPU.
 PRECISION = {"cpu": "fp32", "cuda": "amp-bf16"}[DEVICE.type]
-AMP_DTYPE = {"fp32": None, "amp-bf16": torch.bfloat16}[PRECISION]
+AMP_DTYPE = MODEL_PRECISIONS[PRECISION]
 # The fused contenders measured against eager. The GPU check ("quick") leaves out Triton, whose
 # autotuning for batch-8 shapes in the warm-up step would take much of its time.
 FUSED = {"cpu": ("fused_cpu",), "cuda": ("fused_cuda",) if PROFILE == "quick" else ("fused_cuda", "fused_triton")}[

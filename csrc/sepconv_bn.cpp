@@ -133,7 +133,7 @@ struct VectorOf<double> {
   using type = double __attribute__((vector_size(kVectorBytes)));
 };
 
-// One vector of channels of x, in the accumulator dtype.
+// One vector of channels (of x, a residual or the bias), in the accumulator dtype.
 template <typename acc_t, typename scalar_t>
 inline __attribute__((always_inline)) typename VectorOf<acc_t>::type load_vector(const scalar_t* src) {
   typename VectorOf<acc_t>::type v;
@@ -290,19 +290,13 @@ inline __attribute__((always_inline)) void product_rows_impl(const acc_t* __rest
       }
       // A whole vector of output channels: the same epilogue in vector operations (at C = 64 the
       // scalar form took about a quarter of the unit's time).
-      vec_t bias_v = {};
-      if (bias) std::memcpy(&bias_v, bias + co0, sizeof(bias_v));
+      const vec_t bias_v = bias ? load_vector<acc_t>(bias + co0) : vec_t{};
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = b * kTileRows + r;
         vec_t v = acc[r];
         if (bias) v += bias_v;
         if (relu_output) v = v < acc_t(0) ? vec_t{} : v;
-        if (residual) {
-          const scalar_t* res = residual + row * Cout + co0;
-          vec_t res_v;
-          for (int64_t j = 0; j < lanes; ++j) res_v[j] = elem_cast<acc_t>(res[j]);
-          v += res_v;
-        }
+        if (residual) v += load_vector<acc_t>(residual + row * Cout + co0);
         scalar_t* o = out + row * Cout + co0;
         for (int64_t j = 0; j < lanes; ++j) o[j] = elem_cast<scalar_t>(v[j]);
       }
@@ -338,7 +332,7 @@ void epilogue_rows(const acc_t* y, scalar_t* out, const scalar_t* residual, int6
 // weight matrix once per tile of rows, from L2 or L3, which keeps up with the arithmetic up to a
 // few MB of weights (Xception's 728 -> 728 and 728 -> 1024 units, measured here faster than
 // oneDNN); past that (1024 -> 1536, 1536 -> 2048) oneDNN's cache-blocked kernels are faster.
-bool product_bound(int64_t C, int64_t Cout, int64_t acc_size) { return C * Cout * acc_size > (int64_t{4} << 20); }
+bool product_in_onednn(int64_t C, int64_t Cout, int64_t acc_size) { return C * Cout * acc_size > (int64_t{4} << 20); }
 
 // [Cout, C, 1, 1] -> [panel][C][lanes] in the accumulator dtype, zero past Cout.
 at::Tensor pack_pointwise(const at::Tensor& pw_weight, at::ScalarType acc_dtype, int64_t lanes) {
@@ -384,7 +378,7 @@ at::Tensor sepconv_bn_cpu(const at::Tensor& x, const at::Tensor& dw_weight, cons
     const scalar_t* res_ptr = res_nhwc.defined() ? res_nhwc.const_data_ptr<scalar_t>() : nullptr;
     const int64_t M = N * H * W;
 
-    if (product_bound(C, Cout, sizeof(acc_t))) {
+    if (product_in_onednn(C, Cout, sizeof(acc_t))) {
       // The depthwise result of the whole batch goes through memory once (at these channel counts
       // its bytes are small next to the product's arithmetic) and the product runs as one 1x1
       // convolution over it in oneDNN; BatchNorm stays folded into its weights and bias, ReLU and
