@@ -22,11 +22,11 @@ def extension_modules():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    with_cuda = build_config.want_cuda(torch.version.cuda)
+    with_cuda = build_config.can_build_cuda(torch.version.cuda)
     extension = CUDAExtension if with_cuda else CppExtension
     module = extension(
         build_config.EXTENSION_NAME,
-        build_config.sources(with_cuda),
+        build_config.sources(with_cuda, relative_to=os.path.dirname(os.path.abspath(__file__))),
         include_dirs=build_config.include_dirs(),
         extra_compile_args=build_config.compile_args(with_cuda),
         extra_link_args=build_config.LINK_FLAGS,

@@ -3,12 +3,21 @@
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/cuda_sanitizer_calls.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/cuda_sanitizer_calls.py
 
-Small calls reach the kernel's ragged paths (C, Cout and N*H*W not multiples of the tiles, scalar
-loads and stores) in each dtype with an exact eager counterpart; the Xception-sized call its
-vector paths and several tiles in every direction. Each result is held to the project's exactness
-rule against the float64 CPU reference and must be the same bit for bit when the call is
-repeated. Exits nonzero on any mismatch, and at once when no CUDA device is present.
+The calls reach every instantiation but one kind of each (k = 1, 3, 5, 7; bf16, fp16, fp32 exact
+and TF32), stride 2 on odd sizes, dilation 2 on a map smaller than the dilated kernel, padding
+that leaves whole windows outside x, every activation in each of the three places, dw_bias and
+residual, the kernel's ragged paths (C and Cout not multiples of the vector, the slice or the
+tile: scalar loads and stores; and multiples of the vector only: vector accesses with partial
+tiles), a non-contiguous x, and one Xception-sized call (several tiles in every direction).
+
+Each call runs twice, with the weights packed per call (packed=None) and with gpu_pack.pack_gpu's
+weights: the two results must be the same bit for bit (which also checks that a call repeats
+exactly), have x's dtype and memory format, and meet the project's exactness rule against the
+float64 CPU reference (tests/exactness.py). One more call puts NaN into x and checks that the
+fused op's NaNs are eager's. Exits nonzero on any mismatch, and at once (2) when no CUDA device
+or no CUDA kernel is present.
 """
+import dataclasses
 import os
 import sys
 
@@ -16,65 +25,114 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (what, dtype, N, C, Cout, H, W, channels_last, bias, relu_input, relu_output, residual)
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    what: str
+    dtype: torch.dtype
+    n: int
+    c: int
+    cout: int
+    h: int
+    w: int
+    k: int
+    unit: dict  # the exactness.Unit fields
+    layout: str = "nchw"
+    dw_bias: bool = True
+    pw_bias: bool = True
+    residual: bool = True
+    tf32: bool = False  # fp32 only: cuDNN's TF32 flag, which the kernel follows
+    fp32_weights: bool = False  # half-precision x with float32 weights, as autocast gives the op
+
+
 CASES = [
-    ("small bf16, all options", torch.bfloat16, 2, 13, 7, 5, 6, False, True, True, True, True),
-    ("small fp16, all options", torch.float16, 2, 13, 7, 5, 6, False, True, True, True, True),
-    ("small fp32 (no TF32), all options", torch.float32, 2, 13, 7, 5, 6, False, True, True, True, True),
-    ("Xception middle flow, bf16", torch.bfloat16, 8, 728, 728, 19, 19, True, True, True, False, True),
+    Case("k=3 bf16, C=13 Cout=7 (scalar paths), strided x", torch.bfloat16, 2, 13, 7, 5, 6, 3,
+         dict(act_in="relu", act_mid="identity", act_out="hardswish"), layout="strided"),
+    Case("k=5 fp16, stride 2 on 9x11, C=24 Cout=40", torch.float16, 2, 24, 40, 9, 11, 5,
+         dict(stride=2, act_in="hardswish", act_mid="relu6", act_out="relu"), layout="channels_last"),
+    Case("k=7 fp32 exact, dilation 2 on 5x6 (< the dilated 13), C=20 Cout=33", torch.float32, 1, 20, 33, 5, 6, 7,
+         dict(dilation=2, act_in="relu6", act_mid="hardswish", act_out="relu6"), residual=False),
+    Case("k=3 bf16, stride 2 dilation 2 on 10x7, C=72 Cout=264 (vectors, partial tiles)", torch.bfloat16, 2, 72,
+         264, 10, 7, 3, dict(stride=2, dilation=2, act_in="identity", act_mid="relu", act_out="identity"),
+         layout="channels_last"),
+    Case("k=1 fp16, stride 2 padding 1 on 7x7 (border pixels all padding)", torch.float16, 3, 40, 24, 7, 7, 1,
+         dict(stride=2, padding=1, act_in="relu", act_mid="hardswish", act_out="identity"), pw_bias=False),
+    Case("k=5 fp32 TF32, padding 3 on 8x8, C=36 Cout=20", torch.float32, 2, 36, 20, 8, 8, 5,
+         dict(padding=3, act_in="identity", act_mid="identity", act_out="relu"), tf32=True, dw_bias=False),
+    Case("k=7 bf16, stride 2 on 13x9, C=64 Cout=256 (whole tiles)", torch.bfloat16, 1, 64, 256, 13, 9, 7,
+         dict(stride=2, act_in="relu6", act_mid="relu", act_out="hardswish"), layout="channels_last"),
+    Case("Xception middle flow, bf16 with float32 weights and residual", torch.bfloat16, 8, 728, 728, 19, 19, 3,
+         dict(act_in="relu", act_mid="identity", act_out="identity"), layout="channels_last", dw_bias=False,
+         fp32_weights=True),
 ]
 
 
-def make_inputs(dtype, n, c, cout, h, w, channels_last, with_bias, with_residual, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c, h, w, generator=g)
-    dw = torch.randn(c, 1, 3, 3, generator=g) * (2.0 / 9) ** 0.5
-    pw = torch.randn(cout, c, 1, 1, generator=g) * (2.0 / c) ** 0.5
-    bias = torch.randn(cout, generator=g) * 0.1 if with_bias else None
-    residual = torch.randn(n, cout, h, w, generator=g) if with_residual else None
-    x = x.to(dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    if residual is not None:
-        residual = residual.to(dtype).contiguous(memory_format=torch.channels_last if channels_last
-                                                 else torch.contiguous_format)
-    return x, dw, pw, bias, residual
+def inputs(case, seed, make_inputs, Unit):
+    dtype = torch.float32 if case.fp32_weights else case.dtype
+    tensors, unit = make_inputs(case.n, case.c, case.cout, case.h, case.w, k=case.k, unit=Unit(**case.unit),
+                                dtype=dtype, device="cuda", layout=case.layout, dw_bias=case.dw_bias,
+                                pw_bias=case.pw_bias, residual=case.residual, seed=seed)
+    if case.fp32_weights:
+        for name in ("x", "residual"):
+            if tensors[name] is not None:
+                tensors[name] = tensors[name].to(case.dtype)
+    return tensors, unit
 
 
-def on(device, t):
-    return None if t is None else t.to(device)
+def run_case(case, seed, helpers):
+    from xception_fast.gpu_pack import pack_gpu
 
+    make_inputs, Unit, op_args, eager, reference64, assert_exact = helpers
+    torch.backends.cudnn.allow_tf32 = case.tf32
+    tensors, unit = inputs(case, seed, make_inputs, Unit)
+    x = tensors["x"]
+    op = torch.ops.xception_fast.sepconv
+    packed = pack_gpu(tensors["dw_weight"], tensors["dw_bias"], tensors["pw_weight"], tensors["pw_bias"], x.dtype)
 
-def run_case(case, seed, reference_fn, assert_exact):
-    what, dtype, n, c, cout, h, w, channels_last, with_bias, relu_in, relu_out, with_res = case
-    x, dw, pw, bias, residual = make_inputs(dtype, n, c, cout, h, w, channels_last, with_bias, with_res, seed)
-    dev = torch.device("cuda")
-    args = (on(dev, x), on(dev, dw), on(dev, pw), on(dev, bias))
-    res_dev = on(dev, residual)
-
-    fused = torch.ops.xception_fast.sepconv_bn(*args, relu_in, relu_out, res_dev)
-    torch.cuda.synchronize()
-    again = torch.ops.xception_fast.sepconv_bn(*args, relu_in, relu_out, res_dev)
-    eager = reference_fn(*args, relu_in, relu_out, res_dev)
+    fused = op(*op_args(tensors, unit))
+    fused_packed = op(*op_args(tensors, unit, packed))
+    eager_out = eager(tensors, unit)
     torch.cuda.synchronize()
 
-    f64 = torch.float64
-    reference64 = reference_fn(x.to(f64), dw.to(f64), pw.to(f64), None if bias is None else bias.to(f64),
-                               relu_in, relu_out, None if residual is None else residual.to(f64))
     problems = []
-    if fused.dtype != dtype:
-        problems.append(f"dtype {fused.dtype}, expected {dtype}")
-    expected_format = torch.channels_last if channels_last else torch.contiguous_format
+    if fused.dtype != case.dtype:
+        problems.append(f"dtype {fused.dtype}, expected {case.dtype}")
+    expected_format = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
     if not fused.is_contiguous(memory_format=expected_format):
         problems.append(f"output strides {fused.stride()} are not {expected_format}")
-    if not torch.equal(fused, again):
-        problems.append("a repeated call gave a different result")
+    if not torch.equal(fused, fused_packed):
+        problems.append("packed=None and packed=pack_gpu(...) gave different results")
     try:
-        fused_err, eager_err = assert_exact(fused, eager, reference64, what)
+        fused_err, eager_err = assert_exact(fused, eager_out, reference64(tensors, unit), case.what)
     except AssertionError as e:
         problems.append(str(e))
     else:
-        print(f"{what}: max abs error {fused_err:.3e} (eager {eager_err:.3e})")
+        print(f"{case.what}: max abs error {fused_err:.3e} (eager {eager_err:.3e})")
+    return report(case.what, problems)
+
+
+def run_nan_case(seed, helpers):
+    """NaN in x: relu and relu6 (and the identity) keep it, as torch's do."""
+    make_inputs, Unit, op_args, eager, _, _ = helpers
+    what = "NaN in x through relu, relu6 (bf16)"
+    torch.backends.cudnn.allow_tf32 = False
+    tensors, unit = make_inputs(1, 16, 24, 6, 5, k=3, unit=Unit(act_in="relu", act_mid="relu6", act_out="relu"),
+                                dtype=torch.bfloat16, device="cuda", layout="channels_last", dw_bias=True, seed=seed)
+    tensors["x"][0, 3, 2, 1] = float("nan")
+    fused = torch.ops.xception_fast.sepconv(*op_args(tensors, unit))
+    expected = eager(tensors, unit)
+    torch.cuda.synchronize()
+    problems = []
+    if not torch.equal(fused.isnan(), expected.isnan()):
+        problems.append(f"NaN at {int(fused.isnan().sum())} places, eager at {int(expected.isnan().sum())}")
+    elif not expected.isnan().any():
+        problems.append("eager has no NaN: the case checks nothing")
+    else:
+        print(f"{what}: NaN at the same {int(expected.isnan().sum())} places as eager")
+    return report(what, problems)
+
+
+def report(what, problems):
     for p in problems:
         print(f"MISMATCH {what}: {p}", file=sys.stderr)
     return not problems
@@ -87,16 +145,21 @@ def main():
         return 2
     sys.path.insert(0, REPO)
     sys.path.insert(0, os.path.join(REPO, "tests"))
-    from exactness import assert_exact
-    from xception_fast import _extension, sepconv_bn_reference
+    from exactness import Unit, assert_exact, eager, make_inputs, op_args, reference64
+
+    import xception_fast.ops  # noqa: F401  - defines torch.ops.xception_fast.sepconv
+    from xception_fast import _extension
 
     if not _extension.has_cuda_kernel():
         print("cuda_sanitizer_calls: the extension was built without its CUDA kernel", file=sys.stderr)
         return 2
-    # The fp32 case compares the exact FFMA path with an exact eager conv; TF32 would compare two
-    # different roundings.
-    torch.backends.cudnn.allow_tf32 = False
-    ok = [run_case(case, seed, sepconv_bn_reference, assert_exact) for seed, case in enumerate(CASES)]
+    helpers = (make_inputs, Unit, op_args, eager, reference64, assert_exact)
+    saved = torch.backends.cudnn.allow_tf32
+    try:
+        ok = [run_case(case, seed, helpers) for seed, case in enumerate(CASES)]
+        ok.append(run_nan_case(len(CASES), helpers))
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
     failed = ok.count(False)
     print(f"{len(ok) - failed} passed, {failed} failed")
     return 1 if failed else 0

@@ -4,6 +4,8 @@ Environment:
     XCEPTION_FAST_BENCH_DEVICE   "cuda" or "cpu" (default: cuda when available)
     XCEPTION_FAST_BENCH_PROFILE  "full" (default: the main job) or "quick" (the GPU check's subset;
                                  on a CPU a dry-run-sized subset)
+    XCEPTION_FAST_BENCH_MODELS   "default" (Xception, MobileNetV2, EfficientNet-lite0, xception41),
+                                 "all" (every model of MODELS) or a comma-separated list of names
     XCEPTION_FAST_BENCH_DIR      where the summary goes (default: benchmarks/results)
 """
 import contextlib
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import xception_fast
-from xception_fast.model import SeparableConv2d, Xception
+from xception_fast.model import Xception
 
 DEVICE = torch.device(os.environ.get("XCEPTION_FAST_BENCH_DEVICE")
                       or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -32,57 +34,160 @@ if PROFILE not in ("full", "quick"):
     raise ValueError(f"XCEPTION_FAST_BENCH_PROFILE must be 'full' or 'quick', got {PROFILE!r}")
 OUT_DIR = os.environ.get("XCEPTION_FAST_BENCH_DIR") or os.path.join(os.path.dirname(__file__), "results")
 
-# (C, Cout, H = W, residual): Xception's ten separable-unit shapes at 299 x 299, and the middle
-# flow's third unit, which also adds the block input.
+
+# ----------------------------------------------------------------------------------------------
+# The units and models
+
+@dataclass(frozen=True)
+class UnitShape:
+    """One separable unit: Xception's ReLU -> DW 3x3 -> PW -> BN, or the inverted-residual unit of
+    MobileNetV2 / EfficientNet-lite, DW k x k (stride s) -> BN -> ReLU6 -> PW -> BN [+ input]."""
+    family: str
+    channels: int
+    out_channels: int
+    size: int  # the input's H = W
+    k: int = 3
+    stride: int = 1
+    residual: bool = False
+
+    @property
+    def mid_bn(self):
+        return self.family != "Xception"
+
+    @property
+    def out_size(self):
+        return (self.size + 2 * (self.k // 2) - self.k) // self.stride + 1
+
+    @property
+    def label(self):
+        geometry = f" k{self.k}" + (f" s{self.stride}" if self.stride > 1 else "")
+        return (f"{self.family} {self.channels}→{self.out_channels} @{self.size}²"
+                + ("" if self.family == "Xception" else geometry) + (" +res" if self.residual else ""))
+
+    @property
+    def slug(self):
+        return (f"{self.family.lower()}-{self.channels}to{self.out_channels}x{self.size}k{self.k}s{self.stride}"
+                + ("+res" if self.residual else ""))
+
+
+# Xception's ten separable-unit shapes at 299 x 299 and the middle flow's unit with its residual
+# add; the stride-2 and 5x5 units of MobileNetV2 and EfficientNet-lite0 at 224 x 224 (their
+# depthwise convs run on the expanded channels).
 UNIT_SHAPES = [
-    (64, 128, 147, False), (128, 128, 147, False), (128, 256, 74, False), (256, 256, 74, False),
-    (256, 728, 37, False), (728, 728, 37, False), (728, 728, 19, False), (728, 728, 19, True),
-    (728, 1024, 19, False), (1024, 1536, 10, False), (1536, 2048, 10, False),
+    UnitShape("Xception", c, co, s, residual=r) for c, co, s, r in (
+        (64, 128, 147, False), (128, 128, 147, False), (128, 256, 74, False), (256, 256, 74, False),
+        (256, 728, 37, False), (728, 728, 37, False), (728, 728, 19, False), (728, 728, 19, True),
+        (728, 1024, 19, False), (1024, 1536, 10, False), (1536, 2048, 10, False))
+] + [
+    UnitShape("MobileNetV2", 96, 24, 112, stride=2), UnitShape("MobileNetV2", 144, 24, 56, residual=True),
+    UnitShape("MobileNetV2", 144, 32, 56, stride=2), UnitShape("MobileNetV2", 384, 64, 14, residual=True),
+    UnitShape("MobileNetV2", 576, 160, 14, stride=2), UnitShape("MobileNetV2", 960, 320, 7),
+    UnitShape("EfficientNet-lite0", 144, 40, 56, k=5, stride=2),
+    UnitShape("EfficientNet-lite0", 240, 40, 28, k=5, residual=True),
+    UnitShape("EfficientNet-lite0", 480, 112, 14, k=5), UnitShape("EfficientNet-lite0", 672, 192, 14, k=5, stride=2),
+    UnitShape("EfficientNet-lite0", 1152, 192, 7, k=5, residual=True),
 ]
 
+
+def _timm(name, **kwargs):
+    def build():
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kwargs)
+    return build
+
+
+def _torchvision(name):
+    def build():
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None)
+    return build
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: object
+    size: int
+    units: int  # the separable units fuse() must find (a benchmark of a model it fuses less of is a bug)
+
+
+MODELS = {spec.name: spec for spec in (
+    ModelSpec("Xception", Xception, 299, 34),
+    ModelSpec("legacy_xception", _timm("legacy_xception"), 299, 34),
+    ModelSpec("xception41", _timm("xception41"), 299, 39),
+    ModelSpec("xception41-os16", _timm("xception41", output_stride=16), 299, 39),
+    ModelSpec("xception65", _timm("xception65"), 299, 63),
+    ModelSpec("mobilenetv1_100", _timm("mobilenetv1_100"), 224, 13),
+    ModelSpec("mobilenetv2_100", _timm("mobilenetv2_100"), 224, 17),
+    ModelSpec("efficientnet_lite0", _timm("efficientnet_lite0"), 224, 16),
+    ModelSpec("mnasnet_100", _timm("mnasnet_100"), 224, 17),
+    ModelSpec("tv_mobilenet_v2", _torchvision("mobilenet_v2"), 224, 17),
+)}
+DEFAULT_MODELS = ("Xception", "mobilenetv2_100", "efficientnet_lite0", "xception41")
+
+
+def selected_models():
+    chosen = os.environ.get("XCEPTION_FAST_BENCH_MODELS", "default")
+    if chosen == "default":
+        return list(DEFAULT_MODELS)
+    if chosen == "all":
+        return list(MODELS)
+    names = [n.strip() for n in chosen.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise ValueError(f"XCEPTION_FAST_BENCH_MODELS: unknown models {unknown}; known: {sorted(MODELS)}")
+    return names
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Model precisions: plain fp32, or bf16 autocast over fp32 weights (how the model is run on a GPU).
+# Model precisions: plain fp32, or bf16 autocast over fp32 weights.
 MODEL_PRECISIONS = {"fp32": None, "amp-bf16": torch.bfloat16}
 
-# Every contender, in the order the summary lists them.
-CONTENDERS = ("eager_nchw", "eager_cl", "compile", "compile_max_autotune", "fused_cpu", "fused_cuda", "fused_triton")
+# Every contender, in the order the summary lists them. fused_*_compiled: torch.compile (default
+# mode) of the fused model, against compile of the eager one.
+CONTENDERS = ("eager_nchw", "eager_cl", "compile", "compile_max_autotune", "fused_cpu", "fused_cuda", "fused_triton",
+              "fused_cpu_compiled", "fused_cuda_compiled")
 COMPILERS = ("compile", "compile_max_autotune")
 _GPU_EAGER = ("eager_nchw", "eager_cl")
 _GPU_FUSED = ("fused_cuda", "fused_triton")
+_CPU_UNIT = ("eager_cl", "fused_cpu")
+_CPU_MODEL = ("eager_cl", "compile", "fused_cpu", "fused_cpu_compiled")
 
-# Per device and profile: kind -> [(dtype or precision, batch, contenders)]. On a CPU the matrix is
-# sized so that the full profile stays within ~10 minutes on 2 cores: the per-layer target
-# configuration (batch 8, fp32) gets every contender; torch.compile (slow to compile there) runs
-# once per unit shape at that configuration and once for the model at batch 8; batch 32 races the
-# fused op against eager channels_last only; the training step runs at batch 4.
+# Per device and profile: kind -> [(dtype or precision, batch, contenders, models)] (models: None
+# for units, else the model names). On a CPU the per-layer matrix is the CPU issue's: every unit at
+# batch 1, 8 and 32 in fp32 and bf16 against eager channels_last, and torch.compile at batch 8 fp32;
+# the models at batch 8 (fp32, bf16 autocast) and 1 (fp32); a training step of Xception at batch 4.
 MATRIX = {
     ("cpu", "full"): {
-        "unit": [("fp32", 8, ("eager_nchw", "eager_cl", "compile", "fused_cpu")),
-                 ("bf16", 8, ("eager_nchw", "eager_cl", "fused_cpu")),
-                 ("fp32", 1, ("eager_nchw", "eager_cl", "fused_cpu")),
-                 ("fp32", 32, ("eager_cl", "fused_cpu"))],
-        "infer": [("fp32", 1, ("eager_nchw", "eager_cl", "fused_cpu")),
-                  ("fp32", 8, ("eager_nchw", "eager_cl", "compile", "fused_cpu"))],
-        "train": [("fp32", 4, ("eager_cl", "fused_cpu"))],
+        "unit": [("fp32", 8, ("eager_cl", "compile", "fused_cpu"), None), ("bf16", 8, _CPU_UNIT, None),
+                 ("fp32", 1, _CPU_UNIT, None), ("bf16", 1, _CPU_UNIT, None),
+                 ("fp32", 32, _CPU_UNIT, None), ("bf16", 32, _CPU_UNIT, None)],
+        "infer": [("fp32", 8, _CPU_MODEL, "selected"), ("amp-bf16", 8, ("eager_cl", "compile", "fused_cpu"), "selected"),
+                  ("fp32", 1, ("eager_cl", "compile", "fused_cpu"), "selected")],
+        "train": [("fp32", 4, ("eager_cl", "fused_cpu"), ("Xception",))],
     },
     ("cpu", "quick"): {
-        "unit": [("fp32", 1, ("eager_cl", "fused_cpu"))],
-        "infer": [("fp32", 1, ("eager_cl", "fused_cpu"))],
+        "unit": [("fp32", 1, _CPU_UNIT, None)],
+        "infer": [("fp32", 1, ("eager_cl", "fused_cpu"), ("Xception", "mobilenetv2_100"))],
         "train": [],
     },
     ("cuda", "full"): {
-        "unit": [(dtype, batch, _GPU_EAGER + _GPU_FUSED + (COMPILERS if (dtype, batch) == ("bf16", 128) else ()))
+        "unit": [(dtype, batch, _GPU_EAGER + _GPU_FUSED + (COMPILERS if (dtype, batch) == ("bf16", 128) else ()), None)
                  for dtype in ("bf16", "fp16", "fp32") for batch in (128, 32, 1)],
-        "infer": [("amp-bf16", 128, _GPU_EAGER + COMPILERS + _GPU_FUSED),
-                  ("amp-bf16", 1, _GPU_EAGER + COMPILERS + _GPU_FUSED),
-                  ("fp32", 128, _GPU_EAGER + COMPILERS + _GPU_FUSED)],
-        "train": [("amp-bf16", 128, _GPU_EAGER + ("compile",) + _GPU_FUSED)],
+        "infer": [("amp-bf16", 128, _GPU_EAGER + COMPILERS + _GPU_FUSED + ("fused_cuda_compiled",), "selected"),
+                  ("amp-bf16", 1, _GPU_EAGER + COMPILERS + _GPU_FUSED, "selected"),
+                  ("fp32", 128, _GPU_EAGER + COMPILERS + _GPU_FUSED, ("Xception",))],
+        "train": [("amp-bf16", 128, _GPU_EAGER + ("compile",) + _GPU_FUSED, ("Xception",))],
     },
     ("cuda", "quick"): {
-        "unit": [("bf16", 128, ("eager_cl", "fused_triton", "fused_cuda"))],
+        "unit": [("bf16", 128, ("eager_cl", "fused_triton", "fused_cuda"), None)],
         # max-autotune's compilation comes last: if it overruns the check's time limit, the rest is
         # already measured and written.
-        "infer": [("amp-bf16", 128, ("eager_cl", "fused_cuda", "fused_triton", "compile_max_autotune"))],
+        "infer": [("amp-bf16", 128, ("eager_cl", "fused_cuda", "fused_triton", "compile_max_autotune"),
+                   ("Xception", "mobilenetv2_100")),
+                  ("amp-bf16", 1, ("eager_cl", "fused_cuda", "fused_triton"), ("Xception",))],
         "train": [],
     },
 }
@@ -91,17 +196,17 @@ MATRIX = {
 @dataclass(frozen=True)
 class Case:
     kind: str        # "unit", "infer" (one forward, eval mode) or "train" (one training step)
-    dtype: str       # a DTYPES key for units, a MODEL_PRECISIONS key for the model
+    dtype: str       # a DTYPES key for units, a MODEL_PRECISIONS key for models
     batch: int
     contender: str
-    shape: tuple = None  # units: (C, Cout, H = W, residual)
+    shape: UnitShape = None  # units
+    model: str = None        # models
 
     @property
     def label(self):
         if self.kind != "unit":
-            return "Xception 299²"
-        channels, out_channels, size, residual = self.shape
-        return f"{channels}→{out_channels} @{size}²" + (" +res" if residual else "")
+            return f"{self.model} {MODELS[self.model].size}²"
+        return self.shape.label
 
     @property
     def group(self):
@@ -113,56 +218,87 @@ class Case:
         """The summary's section (one table, one chart panel)."""
         if self.kind == "unit":
             return f"Per layer, {self.dtype}, batch {self.batch}"
-        return f"Whole model, {self.label}"
+        return f"Whole model, {'inference' if self.kind == 'infer' else 'training step'}, {self.dtype}, batch {self.batch}"
 
     @property
     def row(self):
-        if self.kind == "unit":
-            return self.label
-        return f"{'inference' if self.kind == 'infer' else 'training step'}, {self.dtype}, batch {self.batch}"
+        return self.label
 
     @property
     def id(self):
-        if self.kind != "unit":
-            return f"{self.kind}-{self.dtype}-b{self.batch}-{self.contender}"
-        channels, out_channels, size, residual = self.shape
-        return f"{channels}to{out_channels}x{size}{'+res' if residual else ''}-{self.dtype}-b{self.batch}-{self.contender}"
+        what = self.shape.slug if self.kind == "unit" else f"{self.kind}-{self.model}"
+        return f"{what}-{self.dtype}-b{self.batch}-{self.contender}"
 
 
 def cases(kind):
     """The cases of ``kind`` for this device and profile, contenders of one case adjacent."""
-    shapes = UNIT_SHAPES if kind == "unit" else [None]
-    return [Case(kind, dtype, batch, contender, shape)
-            for dtype, batch, contenders in MATRIX[(DEVICE.type, PROFILE)][kind]
-            for shape in shapes for contender in contenders]
+    out = []
+    for dtype, batch, contenders, models in MATRIX[(DEVICE.type, PROFILE)][kind]:
+        if kind == "unit":
+            targets = [dict(shape=s) for s in UNIT_SHAPES]
+        else:
+            names = selected_models() if models == "selected" else list(models)
+            targets = [dict(model=m) for m in names]
+        out += [Case(kind, dtype, batch, contender, **target) for target in targets for contender in contenders]
+    return out
 
 
-def _contender_backend(contender):
-    return contender[len("fused_"):]
+def fused_backend(contender):
+    """The xception_fast backend of a fused contender."""
+    return contender[len("fused_"):].removesuffix("_compiled")
 
 
 # ----------------------------------------------------------------------------------------------
 # Building the contenders
 
-class EagerUnit(nn.Module):
-    """What a fused unit replaces: ReLU -> depthwise 3x3 -> pointwise 1x1 -> BatchNorm (eval)
-    [-> + residual], with random weights and random running statistics."""
+def _random_bn_(bn):
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0.0, 0.1)
+        bn.running_mean.normal_(0.0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    return bn
 
-    def __init__(self, channels, out_channels):
+
+class EagerUnit(nn.Module):
+    """What a fused unit replaces, eval mode, random weights and running statistics: Xception's
+    ReLU -> DW -> PW -> BN, or DW -> BN -> ReLU6 -> PW -> BN; then + residual."""
+
+    def __init__(self, shape):
         super().__init__()
-        self.relu = nn.ReLU()
-        self.sepconv = SeparableConv2d(channels, out_channels)
-        self.bn = nn.BatchNorm2d(out_channels)
-        with torch.no_grad():
-            self.bn.weight.uniform_(0.5, 1.5)
-            self.bn.bias.normal_(0.0, 0.1)
-            self.bn.running_mean.normal_(0.0, 0.1)
-            self.bn.running_var.uniform_(0.5, 1.5)
+        c = shape.channels
+        self.shape = shape
+        self.act_in = nn.Identity() if shape.mid_bn else nn.ReLU()
+        self.dw = nn.Conv2d(c, c, shape.k, stride=shape.stride, padding=shape.k // 2, groups=c, bias=False)
+        self.mid = nn.Sequential(_random_bn_(nn.BatchNorm2d(c)), nn.ReLU6()) if shape.mid_bn else nn.Identity()
+        self.pw = nn.Conv2d(c, shape.out_channels, 1, bias=False)
+        self.bn = _random_bn_(nn.BatchNorm2d(shape.out_channels))
         self.eval()
 
     def forward(self, x, residual=None):
-        y = self.bn(self.sepconv(self.relu(x)))
+        y = self.bn(self.pw(self.mid(self.dw(self.act_in(x)))))
         return y if residual is None else y + residual
+
+    def fused_call(self, backend, dtype, output_size):
+        """The unit as one call of the fused op: BatchNorms folded in fp32 and the weights packed
+        for the backend once, here (never per call)."""
+        dw_weight, dw_bias = self.dw.weight, None
+        if self.shape.mid_bn:
+            bn = self.mid[0]
+            dw_weight, dw_bias = xception_fast.fold_bn(dw_weight, bn.weight, bn.bias, bn.running_mean,
+                                                       bn.running_var, bn.eps)
+        bn = self.bn
+        pw_weight, pw_bias = xception_fast.fold_bn(self.pw.weight, bn.weight, bn.bias, bn.running_mean,
+                                                   bn.running_var, bn.eps)
+        packed = xception_fast.pack_weights(backend, dtype, dw_weight, dw_bias, pw_weight, pw_bias, output_size)
+        options = dict(stride=self.shape.stride, padding=self.shape.k // 2,
+                       act_in="identity" if self.shape.mid_bn else "relu",
+                       act_mid="relu6" if self.shape.mid_bn else "identity")
+
+        def call(x, residual):
+            return xception_fast.sepconv(x, dw_weight, pw_weight, pw_bias, dw_bias=dw_bias, residual=residual,
+                                         packed=packed, backend=backend, **options)
+        return call
 
 
 def _memory_format(contender):
@@ -174,7 +310,7 @@ def _compile(module, contender, *example):
     are never timed). max-autotune runs with Inductor's freezing, which folds BatchNorm into the
     convs; freezing applies to inference only."""
     torch._dynamo.reset()  # a fresh cache per contender: no reuse across modes, no recompile limit
-    if contender == "compile":
+    if contender != "compile_max_autotune":
         compiled = torch.compile(module, dynamic=False)
         compiled(*example)
         return compiled
@@ -213,47 +349,46 @@ def _timed_call(call, inputs):
 def build_unit(case):
     """The no-argument function that runs ``case.contender`` on one separable-unit shape; to be
     called, as it is timed, under the case's precision_context."""
-    channels, out_channels, size, residual = case.shape
+    shape = case.shape
     dtype = DTYPES[case.dtype]
     torch.manual_seed(0)
-    unit = EagerUnit(channels, out_channels).to(DEVICE, dtype)
+    unit = EagerUnit(shape).to(DEVICE)
     fmt = _memory_format(case.contender)
-    x = torch.randn(case.batch, channels, size, size, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)
-    r = (torch.randn(case.batch, out_channels, size, size, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)
-         if residual else None)
+    x = torch.randn(case.batch, shape.channels, shape.size, shape.size, device=DEVICE, dtype=dtype)
+    x = x.contiguous(memory_format=fmt)
+    out_shape = (case.batch, shape.out_channels, shape.out_size, shape.out_size)
+    r = torch.randn(out_shape, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt) if shape.residual else None
     if case.contender.startswith("fused_"):
-        bn = unit.bn
-        weight, bias = xception_fast.fold_bn(unit.sepconv.pconv.weight, bn.weight, bn.bias, bn.running_mean,
-                                             bn.running_var, bn.eps)
-        weight, bias = weight.to(dtype), bias.to(dtype)
-        dw_weight = unit.sepconv.dconv.weight
-        backend = _contender_backend(case.contender)
-
-        def call(xi, ri):
-            return xception_fast.sepconv_bn(xi, dw_weight, weight, bias, relu_input=True, residual=ri,
-                                            backend=backend)
+        # Weights stay fp32 (the folded BatchNorms' precision); the kernels round them to the
+        # product's dtype in the packing.
+        call = unit.fused_call(fused_backend(case.contender), dtype, out_shape)
     else:
-        call = unit.to(memory_format=fmt)
+        call = unit.to(dtype).to(memory_format=fmt)
         if case.contender in COMPILERS:
             call = _compile(call, case.contender, x, r)
     return _timed_call(call, _rotated((x, r)))
 
 
 def build_model(case):
-    """The no-argument function that runs ``case.contender`` on the whole model: one inference
+    """The no-argument function that runs ``case.contender`` on a whole model: one inference
     (``case.kind == "infer"``, eval mode) or one training step (SGD, cross-entropy on random
-    labels, train mode); to be called, as it is timed, under the case's precision_context."""
+    labels, train mode); to be called, as it is timed, under the case's precision_context.
+    Returns (fn, extra info)."""
+    spec = MODELS[case.model]
     training = case.kind == "train"
     fmt = _memory_format(case.contender)
     torch.manual_seed(0)
-    model = Xception().to(DEVICE).train(training).to(memory_format=fmt)
-    x = torch.randn(case.batch, 3, 299, 299, device=DEVICE).contiguous(memory_format=fmt)
+    model = spec.build().to(DEVICE).train(training).to(memory_format=fmt)
+    x = torch.randn(case.batch, 3, spec.size, spec.size, device=DEVICE).contiguous(memory_format=fmt)
     extra = {}
     if case.contender.startswith("fused_"):
-        model, report = xception_fast.fuse(model, backend=_contender_backend(case.contender))
-        if report.count != 34:
-            raise AssertionError(f"fuse() fused {report.count} separable units, Xception has 34: {report.names}")
+        model, report = xception_fast.fuse(model, backend=fused_backend(case.contender))
+        if report.count != spec.units:
+            raise AssertionError(f"fuse() fused {report.count} separable units of {spec.name}, which has "
+                                 f"{spec.units}:\n{report}")
         extra["fused_units"] = report.count
+        if case.contender.endswith("_compiled"):
+            model = _compile(model, "compile", x)
     elif case.contender in COMPILERS:
         model = _compile(model, case.contender, x)
     if not training:
@@ -303,11 +438,9 @@ def keep_freed_host_memory():
     """Make glibc keep the memory this process frees, as a caching allocator (jemalloc, tcmalloc,
     which PyTorch's CPU performance guide recommends) does: no fresh mapping per large tensor, no
     freed memory handed back to the kernel. Otherwise every large tensor is mapped anew and its
-    first write takes a page fault per 4 KB, which on a VM costs as much as the arithmetic of a
-    147 x 147 unit and depends on what the process ran before (measured here: the eager model at
-    batch 8 took 0.79 s after the per-layer runs, 1.2 s in a fresh process). With it, every
-    contender runs in the same steady state, the one a long-running process reaches. Returns what
-    was set, for the summary."""
+    first write takes a page fault per 4 KB, whose cost depends on what the process ran before.
+    With it, every contender runs in the same steady state, the one a long-running process
+    reaches. Returns what was set, for the summary."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
@@ -318,18 +451,37 @@ def keep_freed_host_memory():
     return "the platform's own (mallopt refused)"
 
 
-# Per device: a time budget per benchmark, bounds on its rounds, and a warm-up long enough for
-# the state a steady run reaches: on a GPU settled clocks; on a CPU the host allocator's layout
-# for the case's sizes (measured here: the first two to three calls of an eager batch-32 unit took
-# up to 4x as long as the following ones).
+def warm_up_session():
+    """Run the device at the load the benchmarks put on it before the first benchmark, so that
+    the first test of the process is not the one that pays for the clock ramping up, the thread
+    pool and oneDNN's first primitives and the allocator's first large blocks: an eager Xception
+    forward at batch 8, repeated for a few seconds. Returns the seconds spent."""
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model = Xception().to(DEVICE).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 299, 299, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    seconds = TIMING[DEVICE.type]["session_warmup_s"]
+    with torch.no_grad():
+        while time.perf_counter() - start < seconds:
+            model(x)
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize(DEVICE)
+    return time.perf_counter() - start
+
+
+# Per device and kind: a time budget per benchmark, bounds on its rounds, and a warm-up long
+# enough for the state a steady run reaches: on a GPU settled clocks; on a CPU the host
+# allocator's layout for the case's sizes (the first calls of an eager batch-32 unit take several
+# times as long as the following ones). Models get more rounds: their medians are the verdicts.
 TIMING = {
-    "cpu": {"budget_s": 1.5, "min_rounds": 3, "max_rounds": 15, "warmup_calls": 3, "warmup_s": 0.5},
-    "cuda": {"budget_s": 0.5, "min_rounds": 10, "max_rounds": 1000, "warmup_calls": 3, "warmup_s": 0.2},
+    "cpu": {"budget_s": 1.5, "min_rounds": 5, "max_rounds": 15, "warmup_calls": 3, "warmup_s": 0.5,
+            "model_budget_s": 6.0, "model_min_rounds": 9, "session_warmup_s": 8.0},
+    "cuda": {"budget_s": 0.5, "min_rounds": 10, "max_rounds": 1000, "warmup_calls": 3, "warmup_s": 0.2,
+             "model_budget_s": 1.0, "model_min_rounds": 10, "session_warmup_s": 3.0},
 }
 
-
-# On a CPU (here a shared VM, whose load from elsewhere comes in bursts of seconds) each contender
-# is timed round by round in alternation with eager channels_last, and its speedup over eager
+# On a CPU (a shared VM, whose load from elsewhere comes in bursts of seconds) each contender is
+# timed round by round in alternation with eager channels_last, and its speedup over eager
 # channels_last is the ratio of the two medians of those same rounds: a burst slows both.
 PAIRED_BASELINE = {"cpu": "eager_cl", "cuda": None}
 
@@ -354,16 +506,18 @@ def _warm_up(fn, timing):
     return (time.perf_counter() - start) / calls if calls else per_call
 
 
-def measure(benchmark, fn, baseline=None):
+def measure(benchmark, fn, baseline=None, model=False):
     """Time ``fn`` with pytest-benchmark after a warm-up that is never timed: one call (the first
     call pays compilation, autotuning, allocation), then more until the device's steady state
     (TIMING). With ``baseline``, each round first runs the baseline (timed here, outside
-    pytest-benchmark's timer). The round count fills the device's budget from the warm-up's
-    per-call times. Returns the medians of ``fn`` and of the baseline in seconds (None for one
-    not timed, and for both when pytest-benchmark is disabled)."""
+    pytest-benchmark's timer). The round count fills the budget from the warm-up's per-call
+    times. Returns the medians of ``fn`` and of the baseline in seconds (None for one not timed,
+    and for both when pytest-benchmark is disabled)."""
     timing = TIMING[DEVICE.type]
     per_round = _warm_up(fn, timing) + (_warm_up(baseline, timing) if baseline else 0.0)
-    rounds = max(timing["min_rounds"], min(timing["max_rounds"], int(timing["budget_s"] / per_round)))
+    budget = timing["model_budget_s"] if model else timing["budget_s"]
+    least = timing["model_min_rounds"] if model else timing["min_rounds"]
+    rounds = max(least, min(timing["max_rounds"], int(budget / per_round)))
     baseline_times = []
 
     def timed_baseline():
@@ -380,7 +534,7 @@ def measure(benchmark, fn, baseline=None):
 
 def require(contender):
     """Skip, saying why, a fused contender this installation cannot run."""
-    if contender == "fused_cuda":
+    if fused_backend(contender) == "cuda" and contender.startswith("fused_"):
         from xception_fast import _extension
 
         if not _extension.has_cuda_kernel():

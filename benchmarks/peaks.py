@@ -1,4 +1,4 @@
-"""Device peaks and the roofline arithmetic of a separable unit and of the whole model.
+"""Device peaks and the roofline arithmetic of a separable unit and of a whole model.
 
 The one table of known peaks is ``KNOWN_PEAKS``. Any device not in it (every CPU, any other GPU)
 gets its peaks measured once per session — a large matrix product per dtype and a large copy —
@@ -10,7 +10,7 @@ import time
 import torch
 from torch import nn
 
-from xception_fast.model import SeparableConv2d, Xception
+from xception_fast.model import SeparableConv2d
 
 # Dense matrix rate (FLOP/s) per math mode and copy bandwidth (B/s).
 KNOWN_PEAKS = {
@@ -94,30 +94,36 @@ def device_peaks(device, device_name):
 # ----------------------------------------------------------------------------------------------
 # Roofline arithmetic
 
-def unit_cost(pixels, channels, out_channels, elt, residual=False):
-    """FLOP and minimum bytes of one fused separable unit over ``pixels`` = N·H·W output pixels:
-    the depthwise 3x3 (9 multiply-adds per input element) and the pointwise GEMM; the input read
-    once, the output written once (and the residual read once), the weights and bias read once."""
-    flop = 2 * pixels * (9 * channels + channels * out_channels)
-    elements = pixels * channels + pixels * out_channels + 9 * channels + channels * out_channels + out_channels
+def unit_cost(pixels, channels, out_channels, elt, residual=False, k=3, input_pixels=None):
+    """FLOP and minimum bytes of one fused separable unit over ``pixels`` = N·Ho·Wo output pixels
+    (``input_pixels`` = N·H·W, the same without a stride): the depthwise k x k (k² multiply-adds
+    per output element) and the pointwise GEMM; the input read once, the output written once (and
+    the residual read once), the weights and biases read once."""
+    input_pixels = pixels if input_pixels is None else input_pixels
+    flop = 2 * pixels * (k * k * channels + channels * out_channels)
+    elements = (input_pixels * channels + pixels * out_channels + k * k * channels + channels * out_channels
+                + channels + out_channels)
     if residual:
         elements += pixels * out_channels
     return flop, elt * elements
 
 
 @functools.lru_cache(maxsize=None)
-def model_layers(batch, elt, training=False):
-    """Xception at 299 x 299 as the (FLOP, minimum bytes) of each of its layers, every separable
-    unit counted as one fused unit (BatchNorm folded), the other convs and the classifier as their
-    input + output + weights; pooling, adds and activations are counted as free. Its floor is the
-    sum of the layers' floors.
+def model_layers(name, batch, elt, training=False):
+    """Model ``name`` (harness.MODELS) as the (FLOP, minimum bytes) of each of its layers: every
+    convolution and linear layer as its input + output + weights, except that in our Xception each
+    separable unit counts as one fused unit (BatchNorm folded); pooling, adds, activations and
+    BatchNorms count as free. Its floor is the sum of the layers' floors.
 
     A training step counts three times each layer's forward FLOP (forward, gradient of the input,
-    gradient of the weights) except for the stem conv, whose input needs no gradient; its bytes
+    gradient of the weights) except for the first layer, whose input needs no gradient; its bytes
     are left out (None): its floor is the compute floor alone.
     """
+    from .harness import MODELS
+
+    spec = MODELS[name]
     with torch.device("meta"):
-        model = Xception().eval()
+        model = spec.build().eval()
     layers = []
 
     def count(module, inputs, output):
@@ -138,7 +144,7 @@ def model_layers(batch, elt, training=False):
     for module in model.modules():
         if isinstance(module, (SeparableConv2d, nn.Conv2d, nn.Linear)) and id(module) not in inside_units:
             module.register_forward_hook(count)
-    model(torch.empty(batch, 3, 299, 299, device="meta"))
+    model(torch.empty(batch, 3, spec.size, spec.size, device="meta"))
     return tuple(layers)
 
 

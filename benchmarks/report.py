@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 
 import torch
 
@@ -31,6 +32,21 @@ def _cpu_name():
 
 def _slug(text):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _commit():
+    """The checkout's commit (with "+" if it has uncommitted changes), or None outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
 def environment(device, profile):
@@ -56,6 +72,7 @@ def environment(device, profile):
         "cudnn_benchmark": torch.backends.cudnn.benchmark if device.type == "cuda" else None,
         "tf32_convs": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _commit(),
         # Other processes competing for the device make both the timings and measured peaks noisy.
         "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
@@ -130,28 +147,30 @@ class Results:
             f"# Benchmarks on {self.env['device']}",
             "",
             f"- torch {self.env['torch']}, triton {self.env['triton']}, Python {self.env['python']}; "
-            f"profile {self.env['profile']}; {self.env['date']}",
+            f"profile {self.env['profile']}; {self.env['date']}; commit {self.env.get('commit')}",
             f"- peaks: {flops} TFLOP/s; {peaks['bandwidth'] / 1e9:.4g} GB/s ({peaks['source']})",
         ]
-        if self.env.get("load_average_at_start") is not None:
-            lines.append(f"- load average (1 min) when the run started: {self.env['load_average_at_start']:.2f}")
-        if self.env.get("host_allocator"):
-            lines.append(f"- host memory allocator: {self.env['host_allocator']}")
+        for key, text in (("load_average_at_start", "load average (1 min) when the run started: {:.2f}"),
+                          ("host_allocator", "host memory allocator: {}"),
+                          ("session_warmup_s", "session warm-up before the first benchmark: {:.1f} s")):
+            if self.env.get(key) is not None:
+                lines.append("- " + text.format(self.env[key]))
         if any(r["roofline_fraction"] > 1 for r in self.rows):
             lines.append("- **some results exceed 100 % of the roofline: the peaks above understate what this "
                          "device reached (if measured: while other processes loaded it?). Read the roofline "
                          "column as relative only, or rerun on an idle machine.**")
-        paired_note = ("× eager CL compares with eager channels_last timed in alternation with the contender, "
-                       "round by round, in the same test (the medians of those rounds). "
-                       if any(r.get("paired_baseline") == "eager_cl" for r in self.rows) else "")
+        paired = any(r.get("paired_baseline") == "eager_cl" for r in self.rows)
+        paired_note = ("eager CL (paired): the median of eager channels_last timed in alternation with the "
+                       "contender, round by round, in the same test; × eager CL is the ratio of the two medians. "
+                       if paired else "")
         lines += [
             "",
-            "Median time per call. × eager CL / × eager NCHW / × compile: the contender's speedup over eager "
-            "channels_last, eager NCHW and the fastest torch.compile of the same case (> 1 is faster). "
-            f"{paired_note}TFLOP/s, GB/s: the work's FLOP and minimum bytes over the time (a unit: the fused unit's; the "
-            "model: summed over its layers, each separable unit counted as fused; a training step: FLOP only). "
-            "roofline: the floor (per layer the slower of FLOP at peak and minimum bytes at peak bandwidth) "
-            "over the time.",
+            "Median time per call. × eager CL / × compile: the contender's speedup over eager channels_last and "
+            f"the fastest torch.compile of the same case (> 1 is faster). {paired_note}TFLOP/s, GB/s: the work's "
+            "FLOP and minimum bytes over the time (a unit: the fused unit's; a model: summed over its layers; a "
+            "training step: FLOP only). roofline: the floor (per layer the slower of FLOP at peak and minimum bytes "
+            "at peak bandwidth) over the time. **slower**: a fused contender slower than eager channels_last or "
+            "than torch.compile.",
         ]
         speedups = self.speedups()
         panel = None
@@ -159,14 +178,17 @@ class Results:
             if r["panel"] != panel:
                 panel = r["panel"]
                 lines += ["", f"## {panel}", "",
-                          "| case | contender | median | × eager CL | × eager NCHW | × compile | TFLOP/s | GB/s "
-                          "| roofline |",
-                          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                          "| case | contender | median | eager CL (paired) | × eager CL | × compile | TFLOP/s | GB/s "
+                          "| roofline | |",
+                          "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+            paired_median = r.get("paired_baseline_median_s") if r.get("paired_baseline") == "eager_cl" else None
             cells = [r["row"], r["contender"], _time(r["median_s"]),
-                     *(_ratio(s.get(k)) for k in ("eager_cl", "eager_nchw", "compile")),
+                     "—" if paired_median is None else _time(paired_median),
+                     *(_ratio(s.get(k)) for k in ("eager_cl", "compile")),
                      f"{r['tflops']:.3g}", "—" if r["gbps"] is None else f"{r['gbps']:.4g}",
-                     f"{100 * r['roofline_fraction']:.1f} %"]
+                     f"{100 * r['roofline_fraction']:.1f} %", _slower(r, s)]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += self._verdicts(speedups)
         if self.memory:
             lines += ["", "## Memory, one training step", "",
                       "Peak of live tensor memory during one training step (forward, cross-entropy, backward, SGD "
@@ -178,6 +200,54 @@ class Results:
                              f"| {m['eager_peak_mb']:.1f} MB | {m['fused_peak_mb']:.1f} MB "
                              f"| {100 * m['saving']:.1f} % |")
         return "\n".join(lines) + "\n"
+
+    def _verdicts(self, speedups):
+        """Closing lines: per model case whether fused is faster than eager and torch.compile on
+        this device, per per-layer panel how many units fused wins, and how well the eager
+        medians measured more than once in a case agree."""
+        where = "this CPU" if self.env.get("slug", "").startswith("cpu-") else "this GPU"
+        lines = ["", "## Verdicts", ""]
+        panels = {}
+        for r, s in zip(self.rows, speedups):
+            if not r["contender"].startswith("fused_") or "eager_cl" not in s:
+                continue
+            if r["kind"] == "unit":
+                panels.setdefault(r["panel"], []).append((r, s))
+                continue
+            faster = s["eager_cl"] >= 1.0
+            text = (f"- {r['row']}, {r['panel'].split(', ', 1)[1]}: {r['contender']} is "
+                    f"{'faster' if faster else '**slower**'} than eager on {where}: {s['eager_cl']:.2f}×")
+            if "compile" in s:
+                text += (f"; {'faster' if s['compile'] >= 1.0 else '**slower**'} than torch.compile: "
+                         f"{s['compile']:.2f}×")
+            lines.append(text)
+        for panel, entries in panels.items():
+            for contender in dict.fromkeys(r["contender"] for r, _ in entries):
+                mine = [(r, s) for r, s in entries if r["contender"] == contender]
+                losers = [f"{r['row']} ({s['eager_cl']:.2f}×)" for r, s in mine if s["eager_cl"] < 1.0]
+                lowest = min(s["eager_cl"] for _, s in mine)
+                lines.append(f"- {panel}, {contender}: at least as fast as eager channels_last on "
+                             f"{len(mine) - len(losers)} of {len(mine)} units (lowest {lowest:.2f}×)"
+                             + (f"; **slower** on {', '.join(losers)}" if losers else ""))
+        spread = self._eager_spread()
+        if spread:
+            worst_group, worst = max(spread.items(), key=lambda item: item[1])
+            lines.append(f"- eager channels_last, measured once per contender of a case: its medians within one "
+                         f"model case differ by at most {100 * worst:.1f} % ({worst_group})")
+        return lines
+
+    def _eager_spread(self):
+        """Per model case, the spread (max / min - 1) of eager channels_last's medians: its own
+        test's and those timed in alternation with each other contender."""
+        medians = {}
+        for r in self.rows:
+            if r["kind"] == "unit":
+                continue
+            if r["contender"] == "eager_cl":
+                medians.setdefault(r["group"], []).append(r["median_s"])
+            elif r.get("paired_baseline") == "eager_cl" and r.get("paired_baseline_median_s"):
+                medians.setdefault(r["group"], []).append(r["paired_baseline_median_s"])
+        return {g: max(v) / min(v) - 1 for g, v in medians.items() if len(v) > 1}
 
     def write_tables(self):
         with open(self.path("json"), "w") as f:
@@ -240,6 +310,15 @@ def _time(seconds):
 
 def _ratio(value):
     return "—" if value is None else f"{value:.2f}×"
+
+
+def _slower(row, speedups):
+    """The mark of a fused contender that loses to eager channels_last or to torch.compile."""
+    if not row["contender"].startswith("fused_"):
+        return ""
+    marks = [f"**slower than {name}**" for key, name in (("eager_cl", "eager CL"), ("compile", "compile"))
+             if speedups.get(key) is not None and speedups[key] < 1.0]
+    return ", ".join(marks)
 
 
 def main(argv=None):

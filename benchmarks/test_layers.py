@@ -1,5 +1,5 @@
-"""Per layer: each of Xception's separable-unit shapes, eager (NCHW, channels_last), torch.compile
-and the fused op side by side."""
+"""Per layer: each separable-unit shape (Xception's, MobileNetV2's and EfficientNet-lite0's), eager
+(channels_last, and NCHW on a GPU), torch.compile and the fused op side by side."""
 import pytest
 
 from .harness import DEVICE, DTYPES, build_unit, cases, measure, paired_baseline, precision_context, require
@@ -15,7 +15,8 @@ def test_unit(benchmark, results, case):
     baseline = paired_baseline(case)
     with precision_context(case.dtype, inference=True):
         median, baseline_median = measure(benchmark, build_unit(case), baseline and build_unit(baseline))
-    channels, out_channels, size, residual = case.shape
+    s = case.shape
     dtype = DTYPES[case.dtype]
-    layers = [unit_cost(case.batch * size * size, channels, out_channels, dtype.itemsize, residual)]
+    layers = [unit_cost(case.batch * s.out_size ** 2, s.channels, s.out_channels, dtype.itemsize, s.residual,
+                        k=s.k, input_pixels=case.batch * s.size ** 2)]
     results.add(benchmark, case, median, layers, math_mode(DEVICE, dtype), paired=(baseline, baseline_median))

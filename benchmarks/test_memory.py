@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 import xception_fast
 from xception_fast.model import Xception
 
-from .harness import DEVICE, MODEL_PRECISIONS, PROFILE, _contender_backend, require, training_step
+from .harness import DEVICE, MODEL_PRECISIONS, PROFILE, fused_backend, require, training_step
 
 BATCH = 8
 # The eager model's precision per device: plain fp32 on a CPU, bf16 autocast on a GPU.
@@ -109,7 +109,7 @@ def test_training_step_memory(benchmark, results, contender):
     benchmark.group = f"memory: training step, Xception 299², {PRECISION}, b{BATCH}"
     torch.manual_seed(0)
     eager = Xception().to(DEVICE).train().to(memory_format=torch.channels_last)
-    fused, report = xception_fast.fuse(copy.deepcopy(eager), backend=_contender_backend(contender))
+    fused, report = xception_fast.fuse(copy.deepcopy(eager), backend=fused_backend(contender))
     if report.count != 34:
         raise AssertionError(f"fuse() fused {report.count} separable units, Xception has 34: {report.names}")
     x = torch.randn(BATCH, 3, 299, 299, device=DEVICE).contiguous(memory_format=torch.channels_last)

@@ -1,10 +1,11 @@
-"""Whole model: Xception at 299 x 299, one inference and one training step, eager (NCHW,
-channels_last), torch.compile and the fused model side by side."""
+"""Whole models: Xception and the depthwise-separable zoo (harness.MODELS), one inference and one
+training step, eager, torch.compile, the fused model and torch.compile of the fused model side
+by side."""
 import pytest
 import torch
 
-from .harness import (DEVICE, MODEL_PRECISIONS, build_model, cases, measure, paired_baseline, precision_context,
-                      require)
+from .harness import (DEVICE, MODEL_PRECISIONS, MODELS, build_model, cases, measure, paired_baseline,
+                      precision_context, require)
 from .peaks import math_mode, model_layers
 
 CASES = cases("infer") + cases("train")
@@ -17,9 +18,9 @@ def test_model(benchmark, results, case):
     baseline = paired_baseline(case)
     with precision_context(case.dtype, inference=case.kind == "infer"):
         fn, extra = build_model(case)
-        median, baseline_median = measure(benchmark, fn, baseline and build_model(baseline)[0])
+        median, baseline_median = measure(benchmark, fn, baseline and build_model(baseline)[0], model=True)
     # Under autocast the convs and the classifier run in the autocast dtype.
     dtype = MODEL_PRECISIONS[case.dtype] or torch.float32
-    layers = model_layers(case.batch, dtype.itemsize, training=case.kind == "train")
+    layers = model_layers(case.model, case.batch, dtype.itemsize, training=case.kind == "train")
     results.add(benchmark, case, median, layers, math_mode(DEVICE, dtype), extra,
                 paired=(baseline, baseline_median))

@@ -1,10 +1,14 @@
-"""The project's exactness rule, shared by every test.
+"""The project's exactness rule, and the inputs every test builds, shared by every test.
 
 The reference is the computation in float64 on the CPU. A fused result's max abs error against it
 must be at most twice the error of eager PyTorch in the same dtype on the same device, plus a tiny
 floor: one unit in the last place of the result's dtype at the reference's scale.
 """
+import dataclasses
+
 import torch
+
+from xception_fast.contract import output_size, sepconv_reference
 
 
 def max_abs_error(result, reference64):
@@ -33,8 +37,9 @@ def random_bn_(bn, generator=None):
     """Random affine parameters and running statistics (never the default 0/1, which hide mistakes)."""
     with torch.no_grad():
         c = bn.num_features
-        bn.weight.copy_(torch.rand(c, generator=generator) * 1.5 + 0.25)
-        bn.bias.copy_(torch.randn(c, generator=generator) * 0.5)
+        if bn.weight is not None:
+            bn.weight.copy_(torch.rand(c, generator=generator) * 1.5 + 0.25)
+            bn.bias.copy_(torch.randn(c, generator=generator) * 0.5)
         bn.running_mean.copy_(torch.randn(c, generator=generator) * 0.5)
         bn.running_var.copy_(torch.rand(c, generator=generator) * 2.0 + 0.25)
         bn.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=generator)))
@@ -56,30 +61,63 @@ def randomize_model_(model, seed=0):
     return model
 
 
-def make_sepconv_inputs(n, c, cout, h, w, *, dtype=torch.float32, device="cpu", layout="nchw", bias=True,
-                        residual=False, seed=0):
-    """Random inputs of the fused op: x in the given layout ("nchw", "channels_last" or "strided",
-    a non-contiguous slice), weights at a scale that keeps the output O(1)."""
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """The non-tensor arguments of one unit."""
+    stride: int = 1
+    padding: int = None  # None: dilation * (k - 1) // 2
+    dilation: int = 1
+    act_in: str = "relu"
+    act_mid: str = "identity"
+    act_out: str = "identity"
+
+    def resolved(self, k):
+        padding = self.dilation * (k - 1) // 2 if self.padding is None else self.padding
+        return dataclasses.replace(self, padding=padding)
+
+    def args(self):
+        return (self.stride, self.padding, self.dilation, self.act_in, self.act_mid, self.act_out)
+
+
+def make_inputs(n, c, cout, h, w, *, k=3, unit=Unit(), dtype=torch.float32, device="cpu", layout="nchw",
+                dw_bias=False, pw_bias=True, residual=False, seed=0):
+    """Random tensors of one unit: x in the given layout ("nchw", "channels_last" or "strided", a
+    non-contiguous slice), weights at a scale that keeps the output O(1), the residual of the
+    output's (strided) shape. Returns (tensors, unit with its padding resolved)."""
+    unit = unit.resolved(k)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w + (3 if layout == "strided" else 0), generator=g)
     if layout == "strided":
         x = x[..., 1:w + 1]
     elif layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    inputs = {
+    ho, wo = (output_size(s, k, unit.stride, unit.padding, unit.dilation) for s in (h, w))
+    tensors = {
         "x": x,
-        "dw_weight": torch.randn(c, 1, 3, 3, generator=g) / 3,
+        "dw_weight": torch.randn(c, 1, k, k, generator=g) / k,
+        "dw_bias": torch.randn(c, generator=g) * 0.3 if dw_bias else None,
         "pw_weight": torch.randn(cout, c, 1, 1, generator=g) / c ** 0.5,
-        "bias": torch.randn(cout, generator=g) if bias else None,
-        "residual": torch.randn(n, cout, h, w, generator=g) if residual else None,
+        "pw_bias": torch.randn(cout, generator=g) if pw_bias else None,
+        "residual": torch.randn(n, cout, ho, wo, generator=g) if residual else None,
     }
-    return {k: None if v is None else v.to(device=device, dtype=dtype) for k, v in inputs.items()}
+    if residual and layout == "channels_last":
+        tensors["residual"] = tensors["residual"].contiguous(memory_format=torch.channels_last)
+    return {key: None if v is None else v.to(device=device, dtype=dtype) for key, v in tensors.items()}, unit
 
 
-def reference64(inputs, relu_input, relu_output):
-    """The float64 CPU reference of the fused op for ``make_sepconv_inputs`` inputs."""
-    from xception_fast.ops import sepconv_bn_reference
+TENSOR_NAMES = ("x", "dw_weight", "dw_bias", "pw_weight", "pw_bias", "residual")
 
-    args = {k: None if v is None else v.detach().to("cpu", torch.float64) for k, v in inputs.items()}
-    return sepconv_bn_reference(args["x"], args["dw_weight"], args["pw_weight"], args["bias"], relu_input,
-                                relu_output, args["residual"])
+
+def op_args(tensors, unit, packed=None):
+    """The op's positional arguments (contract.SCHEMA order)."""
+    return tuple(tensors[name] for name in TENSOR_NAMES) + unit.args() + (packed,)
+
+
+def eager(tensors, unit):
+    """The unit in eager PyTorch, in the tensors' dtype on their device."""
+    return sepconv_reference(*(tensors[name] for name in TENSOR_NAMES), *unit.args())
+
+
+def reference64(tensors, unit):
+    """The float64 CPU reference of the unit."""
+    return eager({k: None if v is None else v.detach().to("cpu", torch.float64) for k, v in tensors.items()}, unit)

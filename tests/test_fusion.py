@@ -1,4 +1,9 @@
-"""fuse(model) and the fused modules, on the whole model, against eager and a float64 run."""
+"""fuse(model): what it matches and refuses, train mode, the report, and the fused modules' honesty.
+
+Every check of a result is against eager in the same dtype with a float64 reference (the 2x rule,
+tests/exactness.py), on random weights and random BatchNorm statistics. The model families are
+tests/test_zoo.py. The C++ kernel runs the units (backend="cpu") unless a test says otherwise.
+"""
 import copy
 import io
 
@@ -7,15 +12,15 @@ import torch
 from torch import nn
 
 import xception_fast
-from xception_fast import FusedAwayBatchNorm2d, FusedSeparableConvBN, Xception
+from xception_fast import FusedBlock, FusedConv2dBN, FusedSeparableConv2d, Xception
 from exactness import assert_exact, randomize_model_
 
 timm = pytest.importorskip("timm")
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual, SqueezeExcite  # noqa: E402
 
 
-def fused_copy(model, backend="auto"):
-    fused, report = xception_fast.fuse(copy.deepcopy(model), backend=backend)
-    return fused, report
+def fuse(model, backend="cpu"):
+    return xception_fast.fuse(copy.deepcopy(model), backend=backend)
 
 
 def logits(model, x):
@@ -23,161 +28,73 @@ def logits(model, x):
         return model(x)
 
 
+def reference(model, x):
+    return logits(copy.deepcopy(model).double(), x.double())
+
+
+def check_exact(fused, eager, x, what=""):
+    return assert_exact(logits(fused, x), logits(eager, x), reference(eager, x), what)
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.fixture(scope="module")
 def ours():
-    return randomize_model_(Xception(), seed=3).eval()
+    return randomize_model_(Xception(num_classes=10), seed=3).eval()
 
 
 @pytest.fixture(scope="module")
-def timm_model():
-    return randomize_model_(timm.create_model("legacy_xception"), seed=4).eval()
+def mobilenet():
+    return randomize_model_(timm.create_model("mobilenetv2_100", pretrained=False, num_classes=10), seed=4).eval()
 
+
+# ----------------------------------------------------------------------------------------------
+# Our Xception and timm's legacy one (the chain the first fuse() knew)
 
 def test_fuses_all_34_units_of_our_xception(ours):
-    fused, report = fused_copy(ours)
-    assert report.count == 34 and len(set(report.names)) == 34
+    fused, report = fuse(ours)
+    assert report.count == 34 and report.refused == []
     assert sorted(report.with_residual) == [f"middle_flow.{i}.sepconv3.dconv" for i in range(8)]
-    units = {name: m for name, m in fused.named_modules() if isinstance(m, FusedSeparableConvBN)}
-    assert sorted(units) == sorted(report.names)
-    # Every ReLU of the network's separable part is in a kernel: in the prologue of the unit after
-    # it, or (where the ReLU ends a Sequential: exit_conv1, exit_conv2) in the epilogue before it.
+    forms = {u.name: u.detail for u in report.units}
+    # Every ReLU of the separable part is in a kernel: in the prologue of the unit after it, or where
+    # a ReLU ends its Sequential (exit_conv1, exit_conv2) in the epilogue of the unit before it.
     without_relu_input = {"entry_block1.sepconv1.dconv", "exit_conv1.0.dconv", "exit_conv2.0.dconv"}
-    assert {n for n, u in units.items() if not u.relu_input} == without_relu_input
-    assert units["exit_conv1.0.dconv"].relu_output and units["exit_conv2.0.dconv"].relu_output
-    assert not any(isinstance(m, nn.ReLU) for m in fused.middle_flow.modules())
-    assert xception_fast.fuse(fused)[1].count == 0, "fusing twice must find nothing left"
+    assert {n for n, f in forms.items() if not f.startswith("relu >")} == without_relu_input
+    assert forms["exit_conv1.0.dconv"] == "dw3x3 > pw 1024->1536 +bn > relu"
+    assert forms["middle_flow.0.sepconv3.dconv"] == "relu > dw3x3 > pw 728->728 +bn > +residual"
+    assert all(f"self.relu{i}(" not in fused.middle_flow[0].fused_code for i in (1, 2, 3)), "passed, never called"
+    # The stems' and the shortcuts' BatchNorms are folded.
+    assert report.folded == ["entry_block1.project.0", "entry_block2.project.0", "entry_block3.project.0",
+                             "entry_conv1.0", "entry_conv2.0", "exit_block.project.0"]
+    code = fused.middle_flow[0].fused_code
+    again = xception_fast.fuse(fused)[1]
+    assert {u.detail for u in again.units} == {"fused by an earlier fuse()"}, "fusing twice finds nothing new"
+    assert fused.middle_flow[0].fused_code == code
 
 
-def test_fuses_all_34_units_of_timm_legacy_xception(timm_model):
-    fused, report = fused_copy(timm_model)
+def test_fuses_all_34_units_of_timm_legacy_xception():
+    model = randomize_model_(timm.create_model("legacy_xception", pretrained=False, num_classes=10), seed=5).eval()
+    fused, report = fuse(model)
     assert report.count == 34
     assert sorted(report.with_residual) == sorted(f"block{i}.rep.7.conv1" for i in range(4, 12))
     assert "conv3.conv1" in report.names and "conv4.conv1" in report.names
+    check_exact(fused, model, randn(2, 3, 77, 90, seed=6), "legacy_xception")
 
 
-@pytest.mark.parametrize("size, batch", [((299, 299), 1), ((71, 71), 3), ((83, 120), 3)])
-def test_whole_model_eval_is_exact(ours, size, batch):
-    fused, _ = fused_copy(ours)
-    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(5))
-    ref = logits(copy.deepcopy(ours).double(), x.double())
-    got, eager = logits(fused, x), logits(ours, x)
-    assert_exact(got, eager, ref, f"Xception {size} batch {batch}")
-    assert torch.equal(got.argmax(1), ref.argmax(1))
-
-
-@pytest.mark.parametrize("size", [(299, 299), (77, 90)])
-def test_timm_fused_in_place_is_exact(timm_model, size):
-    fused, _ = fused_copy(timm_model)
-    x = torch.randn(1 if size[0] == 299 else 3, 3, *size, generator=torch.Generator().manual_seed(6))
-    ref = logits(copy.deepcopy(timm_model).double(), x.double())
-    got, eager = logits(fused, x), logits(timm_model, x)
-    assert_exact(got, eager, ref, f"timm legacy_xception {size}")
-    assert torch.equal(got.argmax(1), ref.argmax(1))
-
-
-def test_other_model_with_the_chain_and_nothing_else_touched():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Conv2d(3, 8, 3, padding=1)
-            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
-            self.pw = nn.Conv2d(8, 16, 1)  # with a bias, folded too
-            self.bn = nn.BatchNorm2d(16)
-            self.act = nn.ReLU()
-            self.strided_dw = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False)
-            self.head = nn.Conv2d(16, 4, 1)
-
-        def forward(self, x):
-            return self.head(self.strided_dw(self.act(self.bn(self.pw(self.dw(self.stem(x)))))))
-
-    net = randomize_model_(Net(), seed=7).eval()
-    fused, report = fused_copy(net)
-    assert report.names == ["dw"]
-    assert fused.stem is not net.stem and type(fused.stem) is nn.Conv2d and type(fused.strided_dw) is nn.Conv2d
-    assert isinstance(fused.act, nn.Identity) and fused.dw.relu_output and not fused.dw.relu_input
-    x = torch.randn(2, 3, 9, 11)
-    assert_exact(logits(fused, x), logits(net, x), logits(copy.deepcopy(net).double(), x.double()))
-
-
-def test_state_dict_round_trips_both_ways(ours):
-    fused, _ = fused_copy(ours)
-    assert list(fused.state_dict()) == list(ours.state_dict())
-    other = randomize_model_(Xception(), seed=8).eval()
-    fused.load_state_dict(other.state_dict())
-    x = torch.randn(1, 3, 71, 71)
-    assert_exact(logits(fused, x), logits(other, x), logits(copy.deepcopy(other).double(), x.double()))
-    eager = Xception().eval()
-    eager.load_state_dict(fused.state_dict())
-    assert torch.equal(logits(eager, x), logits(other, x))
-
-
-def test_whole_fused_model_saves_loads_and_copies():
-    fused = Xception(num_classes=10, fused=True).eval()
-    x = torch.randn(1, 3, 71, 71)
-    buffer = io.BytesIO()
-    torch.save(fused, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    assert torch.equal(logits(loaded, x), logits(fused, x))
-    # a copy's rewritten forward must run the copy's own modules
-    other = randomize_model_(Xception(num_classes=10), seed=15).eval()
-    copied = copy.deepcopy(fused)
-    copied.load_state_dict(other.state_dict())
-    assert_exact(logits(copied, x), logits(other, x), logits(copy.deepcopy(other).double(), x.double()))
-
-
-def test_fold_is_redone_when_weights_change():
-    fused, _ = fused_copy(randomize_model_(Xception(num_classes=10), seed=9).eval())
-    x = torch.randn(1, 3, 71, 71)
-    first = logits(fused, x)
-    fused.train()
-    loss = fused(torch.randn(2, 3, 71, 71)).square().mean()
-    loss.backward()
-    torch.optim.SGD(fused.parameters(), lr=0.1).step()
-    fused.eval()
-    after = logits(fused, x)
-    eager = Xception(num_classes=10).eval()
-    eager.load_state_dict(fused.state_dict())
-    assert not torch.equal(first, after)
-    assert_exact(after, logits(eager, x), logits(copy.deepcopy(eager).double(), x.double()), "after a step")
-
-
-def test_train_step_matches_eager():
-    torch.manual_seed(10)
-    eager = randomize_model_(Xception(num_classes=5), seed=10).train()
-    fused, _ = fused_copy(eager)
-    reference = copy.deepcopy(eager).double()
-    x = torch.randn(3, 3, 71, 71, generator=torch.Generator().manual_seed(11))
-    target = torch.tensor([0, 3, 4])
-
-    def step(model, inp):
-        loss = nn.functional.cross_entropy(model(inp), target)
-        loss.backward()
-        torch.optim.SGD(model.parameters(), lr=0.01).step()
-        return loss.detach()
-
-    ref_loss, eager_loss, fused_loss = step(reference, x.double()), step(eager, x), step(fused, x)
-    assert_exact(fused_loss, eager_loss, ref_loss.reshape(()), "loss")
-
-    # The gradients, the updated parameters and the running statistics are each one result (all
-    # of the model's tensors of that kind, flattened): per tensor, over some 300 of them at rounding
-    # level, the rule would hold fused to whichever eager tensor happened to round luckiest.
-    def flat(model, kind):
-        tensors = (model.named_parameters() if kind != "buffers" else
-                   ((n, b) for n, b in model.named_buffers() if b.is_floating_point()))
-        pick = (lambda p: p.grad) if kind == "gradients" else (lambda p: p)
-        return torch.cat([pick(t).detach().reshape(-1) for _, t in sorted(tensors, key=lambda item: item[0])])
-
-    for kind in ("gradients", "parameters", "buffers"):
-        assert_exact(flat(fused, kind), flat(eager, kind), flat(reference, kind), kind)
-    counts = {n: b for n, b in fused.named_buffers() if not b.is_floating_point()}
-    assert all(torch.equal(b, dict(reference.named_buffers())[n]) for n, b in counts.items())
+@pytest.mark.parametrize("size, batch", [((71, 71), 3), ((83, 120), 2)])
+def test_our_xception_eval_is_exact(ours, size, batch):
+    fused, _ = fuse(ours)
+    x = randn(batch, 3, *size, seed=5)
+    check_exact(fused, ours, x, f"Xception {size} batch {batch}")
+    assert torch.equal(logits(fused, x).argmax(1), reference(ours, x).argmax(1))
 
 
 def test_channels_last_and_autocast(ours):
-    fused, _ = fused_copy(ours)
-    x = torch.randn(2, 3, 75, 80)
-    ref = logits(copy.deepcopy(ours).double(), x.double())
+    fused, _ = fuse(ours)
+    x = randn(2, 3, 75, 80, seed=7)
+    ref = reference(ours, x)
     cl_model = copy.deepcopy(fused).to(memory_format=torch.channels_last)
     eager_cl = copy.deepcopy(ours).to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -186,44 +103,29 @@ def test_channels_last_and_autocast(ours):
         got, eager = logits(fused, x_cl), logits(ours, x_cl)
     assert got.dtype == eager.dtype
     assert_exact(got.float(), eager.float(), ref, "autocast bf16")
+    # and back: what was packed for bf16 under autocast is not reused for fp32
+    assert_exact(logits(fused, x), logits(ours, x), ref, "fp32 after autocast")
 
 
 def test_to_dtype_refolds(ours):
-    fused, _ = fused_copy(ours)
-    x = torch.randn(1, 3, 71, 71)
+    fused, _ = fuse(ours)
+    x = randn(1, 3, 71, 71, seed=8)
     logits(fused, x)
     fused_bf16, eager_bf16 = copy.deepcopy(fused).bfloat16(), copy.deepcopy(ours).bfloat16()
-    ref = logits(copy.deepcopy(ours).double(), x.double())
-    assert_exact(logits(fused_bf16, x.bfloat16()).float(), logits(eager_bf16, x.bfloat16()).float(), ref, "bf16")
+    assert_exact(logits(fused_bf16, x.bfloat16()).float(), logits(eager_bf16, x.bfloat16()).float(),
+                 reference(ours, x), "bf16")
 
 
-def test_torch_compile_fullgraph_of_fused_model():
-    model = randomize_model_(Xception(num_classes=10), seed=12).eval()
-    fused, _ = fused_copy(model)
-    x = torch.randn(1, 3, 71, 71)
-    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
-    assert_exact(logits(compiled, x), logits(model, x), logits(copy.deepcopy(model).double(), x.double()))
-
-
-def test_reference_backend_is_the_eager_two_step(ours):
-    fused, _ = fused_copy(ours, backend="reference")
-    x = torch.randn(1, 3, 71, 71)
-    assert_exact(logits(fused, x), logits(ours, x), logits(copy.deepcopy(ours).double(), x.double()))
-
-
-def test_fused_away_modules_keep_the_state():
-    fused, _ = fused_copy(randomize_model_(Xception(), seed=13))
-    bn = fused.middle_flow[0].bn2
-    assert isinstance(bn, FusedAwayBatchNorm2d)
-    assert fused.middle_flow[0].sepconv2.dconv.bn is bn
+def test_reference_backend_is_the_eager_composition(ours):
+    fused, _ = fuse(ours, backend="reference")
+    check_exact(fused, ours, randn(1, 3, 71, 71, seed=9))
 
 
 def test_fused_xception_in_one_line(ours):
-    model = Xception(fused=True).eval()
-    assert sum(isinstance(m, FusedSeparableConvBN) for m in model.modules()) == 34
+    model = Xception(num_classes=10, fused=True).eval()
+    assert sum(isinstance(m, FusedSeparableConv2d) for m in model.modules()) == 34
     model.load_state_dict(ours.state_dict())
-    x = torch.randn(1, 3, 71, 71)
-    assert_exact(logits(model, x), logits(ours, x), logits(copy.deepcopy(ours).double(), x.double()))
+    check_exact(model, ours, randn(1, 3, 71, 71, seed=10))
 
 
 def test_bad_arguments():
@@ -233,14 +135,458 @@ def test_bad_arguments():
         xception_fast.fuse(Xception(), backend="fastest")
 
 
+# ----------------------------------------------------------------------------------------------
+# The chains the matcher recognises beyond Xception's
+
+class SeparableSequential(nn.Sequential):
+    """segmentation_models_pytorch's DeepLabV3+ SeparableConv2d: the depthwise and pointwise convs in
+    a Sequential, the BatchNorm and ReLU after it in the enclosing one."""
+
+    def __init__(self, c, cout, dilation=1):
+        super().__init__(nn.Conv2d(c, c, 3, padding=dilation, dilation=dilation, groups=c, bias=False),
+                         nn.Conv2d(c, cout, 1, bias=False))
+
+
+class Hardswish7(nn.Module):
+    """A 7x7 depthwise conv with its own bias, Hardswish and Dropout between the convs, Hardswish after."""
+
+    def __init__(self, c=8, cout=12):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, stride=2, padding=3, groups=c)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.act1 = nn.Hardswish()
+        self.drop = nn.Dropout(0.3)
+        self.pw = nn.Conv2d(c, cout, 1)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act2 = nn.Hardswish()
+
+    def forward(self, x):
+        return self.act2(self.bn2(self.pw(self.drop(self.act1(self.bn1(self.dw(x)))))))
+
+
+def test_deeplab_separable_sequential_and_other_activations():
+    model = randomize_model_(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Sequential(SeparableSequential(8, 16, dilation=2), nn.BatchNorm2d(16), nn.ReLU()),
+        Hardswish7(16, 12)), seed=11).eval()
+    fused, report = fuse(model)
+    forms = {u.name: u.detail for u in report.units}
+    # The ReLU between the two units goes into the prologue of the second.
+    assert forms == {"1.0.0": "dw3x3 d2 > pw 8->16 +bn",
+                     "2.dw": "relu > dw7x7 s2 +bn > hardswish > pw 16->12 +bn > hardswish"}
+    check_exact(fused, model, randn(2, 3, 17, 22, seed=12))
+
+
+def test_conv2d_same_is_fused_exactly():
+    """timm's Conv2dSame pads asymmetrically where the total is odd (even input sizes at stride 2): a
+    fusion with symmetric padding would shift the result by a pixel."""
+    block = DepthwiseSeparableConv(8, 16, stride=2, pad_type="same")
+    assert type(block.conv_dw).__name__ == "Conv2dSame"
+    model = randomize_model_(nn.Sequential(nn.Conv2d(3, 8, 1), block), seed=13).eval()
+    fused, report = fuse(model)
+    assert report.names == ["1.conv_dw"] and "tf-same" in report.units[0].detail
+    for size in ((16, 22), (15, 21), (16, 21)):
+        check_exact(fused, model, randn(2, 3, *size, seed=14), f"Conv2dSame {size}")
+    # alone, the fused depthwise conv is the Conv2dSame it was
+    x = randn(1, 8, 10, 12, seed=15)
+    assert torch.equal(fused[1].conv_dw(x), model[1].conv_dw(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals: each model computes something a fused unit would not; fuse() must leave the unit
+
+class Net(nn.Module):
+    """A stem conv, then the block under test."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = block
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+class Unit(nn.Module):
+    def __init__(self, c=8, cout=8, **dw):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False, **dw)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.act = nn.ReLU6()
+        self.pw = nn.Conv2d(c, cout, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn2(self.pw(self.act(self.bn1(self.dw(x)))))
+
+
+class IntermediateUsedTwice(Unit):
+    def forward(self, x):
+        d = self.act(self.bn1(self.dw(x)))
+        return self.bn2(self.pw(d)) + d.mean(1, keepdim=True)
+
+
+class ConvCalledTwice(Unit):
+    """The depthwise conv runs twice with other modules after it each time (pytorch#197539)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn3 = nn.BatchNorm2d(8)
+        self.pw2 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        a = self.bn2(self.pw(self.act(self.bn1(self.dw(x)))))
+        return a + self.pw2(self.bn3(self.dw(a)))
+
+
+class WritesBetween(Unit):
+    """Between the depthwise conv and the rest of its unit, the unit's input is written in place: one
+    fused call, at the unit's end, would read the written input."""
+
+    def forward(self, x):
+        d = self.dw(x)
+        x.relu_()
+        return self.bn2(self.pw(self.act(self.bn1(d)))) + x
+
+
+class DataDependent(Unit):
+    def forward(self, x):
+        if x.sum() > 0:  # torch.fx cannot trace a branch on a value
+            x = -x
+        return super().forward(x)
+
+
+REFUSALS = {
+    "squeeze-excitation between the convs": (
+        lambda: DepthwiseSeparableConv(8, 8, se_layer=SqueezeExcite),
+        "block.conv_dw", "se (SqueezeExcite) sits between the depthwise and the pointwise conv"),
+    "an intermediate used twice": (
+        IntermediateUsedTwice, "block.dw", "the result of act (ReLU6) is used 2 times"),
+    "a conv module called twice": (ConvCalledTwice, "block.dw", "the conv is called 2 times in one forward"),
+    "padding_mode reflect": (lambda: Unit(padding_mode="reflect"), "block.dw", "padding_mode 'reflect'"),
+    "an activation the op does not have": (
+        lambda: DepthwiseSeparableConv(8, 8, act_layer=nn.SiLU), "block.conv_dw",
+        "its activation SiLU is not one of the op's"),
+    "an in-place write into its input between the convs": (
+        WritesBetween, "block.dw", "writes in place into the unit's input between its convs"),
+    "a forward fx cannot trace": (DataDependent, "block.dw", "inside block, whose forward torch.fx cannot trace"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refused_unit_is_left_as_it_was(case):
+    make, name, reason = REFUSALS[case]
+    model = randomize_model_(Net(make()), seed=16).eval()
+    fused, report = fuse(model)
+    assert report.names == [] and [n for n, _ in report.refused] == [name], str(report)
+    assert reason in report.refused[0][1], str(report)
+    assert not isinstance(fused.get_submodule(name), FusedSeparableConv2d)
+    for size in ((10, 13), (9, 9)):
+        x = randn(2, 3, *size, seed=17)
+        check_exact(fused, model, x, case)
+        fused.train(), model.train()
+        torch.manual_seed(0)
+        got = fused(x)
+        torch.manual_seed(0)
+        assert_exact(got, model(x), copy.deepcopy(model).double()(x.double()), f"{case}, train mode")
+        fused.eval(), model.eval()
+
+
+class InPlaceInput(nn.Module):
+    """The unit's leading ReLU is in place on the block's input, which the caller reads again: taken
+    into the kernel, it would no longer change the caller's tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.ReLU(inplace=True)
+        self.unit = Unit()
+
+    def forward(self, x):
+        return self.unit.bn2(self.unit.pw(self.unit.act(self.unit.bn1(self.unit.dw(self.relu(x))))))
+
+
+class ReadsInputAgain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = InPlaceInput()
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.block(x) + x
+
+
+def test_in_place_activation_of_a_shared_input_is_not_taken():
+    model = randomize_model_(ReadsInputAgain(), seed=18).eval()
+    fused, report = fuse(model)
+    assert report.names == ["block.unit.dw"] and not report.units[0].detail.startswith("relu")
+    check_exact(fused, model, randn(2, 3, 11, 9, seed=19))
+
+
+def test_stochastic_depth_in_train_mode_keeps_the_add_outside_the_kernel():
+    """BatchNorms in eval (the op runs the unit) but DropPath in train: the add must follow the random
+    drop, as eager's does; in eval the add is in the kernel."""
+    model = randomize_model_(timm.create_model("mobilenetv2_100", pretrained=False, num_classes=10,
+                                               drop_path_rate=0.3), seed=20).eval()
+    fused, report = fuse(model)
+    assert len(report.with_residual) == 10
+    x = randn(4, 3, 35, 41, seed=21)
+    check_exact(fused, model, x, "eval")
+    for m in (fused, model):
+        m.train()
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.eval()
+    outputs = []
+    for m, inp in ((fused, x), (model, x), (copy.deepcopy(model).double(), x.double())):
+        torch.manual_seed(1)  # the same draws: bernoulli_ draws a float64 mask as it draws a float32 one
+        outputs.append(logits(m, inp))
+    assert_exact(*outputs, "train-mode DropPath")
+    torch.manual_seed(2)
+    assert not torch.allclose(logits(model, x), outputs[1]), "the DropPaths do draw"
+
+
+class ModeDependent(Unit):
+    def forward(self, x):
+        y = super().forward(x)
+        if self.training:  # fixed by a trace: the fused block keeps a graph per mode
+            y = y * 0.5
+        return y + x
+
+
+def test_forward_that_branches_on_training_keeps_a_graph_per_mode():
+    model = randomize_model_(Net(ModeDependent()), seed=22).eval()
+    fused, report = fuse(model)
+    assert report.with_residual == ["block.dw"]
+    assert "# train mode" in fused.block.fused_code
+    x = randn(2, 3, 9, 12, seed=23)
+    check_exact(fused, model, x, "eval")
+    fused.train(), model.train()
+    assert_exact(fused(x), model(x), copy.deepcopy(model).double()(x.double()), "train")
+
+
+# ----------------------------------------------------------------------------------------------
+# Train mode
+
+def flat(model, kind):
+    """All of a model's gradients, parameters or floating buffers as one vector: per tensor, over
+    hundreds of them at rounding level, the rule would hold the fused model to whichever eager tensor
+    rounded luckiest."""
+    if kind == "buffers":
+        tensors = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    else:
+        tensors = list(model.named_parameters())
+    pick = (lambda p: p.grad) if kind == "gradients" else (lambda p: p)
+    return torch.cat([pick(t).detach().reshape(-1) for _, t in sorted(tensors, key=lambda item: item[0])])
+
+
+def train_step(model, x, target):
+    loss = nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    return loss.detach()
+
+
+def check_train_step(eager, fused, x, target):
+    reference = copy.deepcopy(eager).double()
+    ref_loss, eager_loss, fused_loss = (train_step(reference, x.double(), target), train_step(eager, x, target),
+                                        train_step(fused, x, target))
+    assert_exact(fused_loss, eager_loss, ref_loss, "loss")
+    for kind in ("gradients", "parameters", "buffers"):
+        assert_exact(flat(fused, kind), flat(eager, kind), flat(reference, kind), kind)
+    counts = {n: b for n, b in fused.named_buffers() if not b.is_floating_point()}
+    assert all(torch.equal(b, dict(reference.named_buffers())[n]) for n, b in counts.items())
+
+
+def test_train_step_matches_eager_xception():
+    """No BatchNorm between the convs: the op runs ReLU, depthwise and pointwise; the BatchNorm after
+    runs on batch statistics."""
+    eager = randomize_model_(Xception(num_classes=5), seed=24).train()
+    fused, _ = fuse(eager)
+    check_train_step(eager, fused, randn(3, 3, 71, 71, seed=25), torch.tensor([0, 3, 4]))
+
+
+def test_train_step_matches_eager_mobilenet(mobilenet):
+    """A BatchNorm between the convs needs the whole depthwise result: the unit runs as its eager
+    modules, so training is eager's, to the bit."""
+    eager = copy.deepcopy(mobilenet).train()
+    fused, _ = fuse(eager)
+    x, target = randn(4, 3, 41, 35, seed=26), torch.tensor([1, 0, 9, 3])
+    check_train_step(eager, fused, x, target)
+    assert torch.equal(flat(fused, "buffers"), flat(eager, "buffers"))
+    assert torch.equal(flat(fused, "parameters"), flat(eager, "parameters"))
+
+
+def test_fine_tuning_with_frozen_batchnorms():
+    """Train mode, BatchNorms in eval: the op runs with the folds made in the graph, differentiable.
+
+    timm's own blocks with no activation: where a ReLU6 clips, one pre-activation that rounding puts
+    on the other side of 0 or 6 moves a whole gradient entry (in eager as in the fused model: the
+    gradients of a ReLU6 network at rounding level are a coin toss), which would test the toss, not
+    the fold."""
+    model = randomize_model_(nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16),
+        DepthwiseSeparableConv(16, 24, act_layer=nn.Identity),
+        InvertedResidual(24, 24, exp_ratio=4.0, act_layer=nn.Identity),
+        InvertedResidual(24, 32, dw_kernel_size=5, stride=2, exp_ratio=6.0, act_layer=nn.Identity),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)), seed=27).train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    fused, report = fuse(model)
+    assert report.count == 3 and report.with_residual == ["3.conv_dw"]
+    check_train_step(model, fused, randn(3, 3, 29, 35, seed=27), torch.tensor([2, 7, 0]))
+
+
+def test_fold_is_redone_when_weights_change():
+    fused, _ = fuse(randomize_model_(Xception(num_classes=10), seed=28).eval())
+    x = randn(1, 3, 71, 71, seed=29)
+    first = logits(fused, x)
+    fused.train()
+    fused(randn(2, 3, 71, 71, seed=30)).square().mean().backward()
+    torch.optim.SGD(fused.parameters(), lr=0.1).step()
+    fused.eval()
+    after = logits(fused, x)
+    eager = Xception(num_classes=10).eval()
+    eager.load_state_dict(fused.state_dict())
+    assert not torch.equal(first, after)
+    check_exact(fused, eager, x, "after a step")
+
+
+def test_packed_weights_follow_the_fp32_precision_setting(mobilenet):
+    conv = getattr(torch.backends.mkldnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        pytest.skip("this torch has no torch.backends.mkldnn.conv.fp32_precision")
+    fused, _ = fuse(mobilenet)
+    x = randn(2, 3, 33, 39, seed=31)
+    ref = reference(mobilenet, x)
+    assert_exact(logits(fused, x), logits(mobilenet, x), ref, "fp32")
+    saved = conv.fp32_precision
+    try:
+        conv.fp32_precision = "bf16"
+        assert_exact(logits(fused, x), logits(mobilenet, x), ref, "fp32 with bf16 products")
+    finally:
+        conv.fp32_precision = saved
+    assert_exact(logits(fused, x), logits(mobilenet, x), ref, "fp32 again")
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+def test_report_reads_per_unit():
+    model = randomize_model_(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+        DepthwiseSeparableConv(8, 8, se_layer=SqueezeExcite),
+        DepthwiseSeparableConv(8, 16, stride=2)), seed=32).eval()
+    _, report = fuse(model)
+    assert str(report) == (
+        "fused 1 separable unit of 2 depthwise convs (0 with their residual add); "
+        "BatchNorm folded into 3 other convs\n"
+        "  fused:\n"
+        "    4.conv_dw  dw3x3 s2 +bn > relu > pw 8->16 +bn\n"
+        "  left as they were:\n"
+        "    3.conv_dw  se (SqueezeExcite) sits between the depthwise and the pointwise conv; "
+        "its BatchNorm is folded into it")
+    assert report.refused == [("3.conv_dw", report.units[0].detail)]
+    assert report.folded == ["0", "3.conv_dw", "3.conv_pw"]
+
+
+def test_report_of_a_whole_model(mobilenet):
+    _, report = fuse(mobilenet)
+    lines = str(report).splitlines()
+    assert lines[0] == report.summary == (
+        "fused 17 separable units of 17 depthwise convs (10 with their residual add); "
+        "BatchNorm folded into 18 other convs")
+    assert lines[1] == "  fused:" and len(lines) == 19
+    assert lines[2] == "    blocks.0.0.conv_dw  dw3x3 +bn > relu6 > pw 32->16 +bn"
+    assert lines[4] == "    blocks.1.1.conv_dw  dw3x3 +bn > relu6 > pw 144->24 +bn > +residual"
+    assert report.units[2].block == "blocks.1.1" and report.units[2].residual
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused modules are honest modules
+
+def test_modules_stay_in_their_slots(mobilenet):
+    eager = copy.deepcopy(mobilenet)
+    block = eager.blocks[1][1]
+    children = dict(block.named_children())
+    fused, _ = xception_fast.fuse(eager, backend="cpu")
+    assert fused is eager and fused.blocks[1][1] is block
+    assert dict(block.named_children()) == children, "every child is the same object in the same slot"
+    assert type(block.conv_pwl) is nn.Conv2d and type(block.bn3).__name__ == "BatchNormAct2d"
+    assert type(block.conv_dw) is FusedSeparableConv2d and type(block.conv_pw) is FusedConv2dBN
+    assert type(block).__name__ == "FusedInvertedResidual" and isinstance(block, FusedBlock)
+    assert isinstance(block, type(mobilenet.blocks[1][1]))
+    assert "forward" not in vars(block), "the forward is the class's, not an instance attribute"
+    assert "self.conv_dw(conv_pw_1, mid = (bn2_1,), pw = conv_pwl_1, out = (bn3_1,), residual = x)" in \
+        block.fused_code
+    assert len(list(fused.modules())) == len(list(mobilenet.modules()))
+    # alone, a fused conv is the conv it was
+    x = randn(2, 144, 9, 7, seed=33)
+    assert torch.equal(block.conv_dw(x), mobilenet.blocks[1][1].conv_dw(x))
+
+
+@pytest.mark.parametrize("which", ["ours", "mobilenet"])
+def test_state_dict_round_trips_both_ways(which, ours, mobilenet):
+    model = {"ours": ours, "mobilenet": mobilenet}[which]
+    fused, _ = fuse(model)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in model.named_parameters()]
+    other = randomize_model_(copy.deepcopy(model), seed=34).eval()
+    fused.load_state_dict(other.state_dict())
+    x = randn(1, 3, 71, 71, seed=35)
+    check_exact(fused, other, x, "after load_state_dict")
+    eager = copy.deepcopy(model)
+    eager.load_state_dict(fused.state_dict())
+    assert torch.equal(logits(eager, x), logits(other, x))
+
+
+@pytest.mark.parametrize("which", ["ours", "mobilenet"])
+def test_whole_fused_model_saves_loads_and_copies(which, ours, mobilenet):
+    model = {"ours": ours, "mobilenet": mobilenet}[which]
+    fused, _ = fuse(model)
+    x = randn(1, 3, 71, 71, seed=36)
+    expected = logits(fused, x)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded).__name__ == type(fused).__name__
+    assert torch.equal(logits(loaded, x), expected)
+    # a copy's forward must run the copy's own modules
+    other = randomize_model_(copy.deepcopy(model), seed=37).eval()
+    copied = copy.deepcopy(fused)
+    copied.load_state_dict(other.state_dict())
+    check_exact(copied, other, x, "copy")
+    assert torch.equal(logits(fused, x), expected), "the original is untouched"
+
+
+def test_to_moves_and_converts(mobilenet):
+    fused, _ = fuse(mobilenet)
+    x = randn(2, 3, 39, 33, seed=38)
+    logits(fused, x)
+    converted = fused.to(torch.float64).to(torch.float32)  # in place, new tensors: the caches are stale
+    assert converted is fused
+    check_exact(fused, mobilenet, x, "after .to()")
+
+
+@pytest.mark.parametrize("which", ["ours", "mobilenet"])
+def test_torch_compile_fullgraph_of_fused_model(which, ours, mobilenet):
+    model = {"ours": ours, "mobilenet": mobilenet}[which]
+    fused, _ = fuse(model)
+    x = randn(1, 3, 71, 71, seed=39)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    assert_exact(logits(compiled, x), logits(model, x), reference(model, x))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_backends_whole_model(ours, backend, dtype):
-    fused, _ = fused_copy(ours, backend=backend)
-    fused = fused.cuda().to(dtype=dtype, memory_format=torch.channels_last)
-    eager = copy.deepcopy(ours).cuda().to(dtype=dtype, memory_format=torch.channels_last)
-    x = torch.randn(4, 3, 299, 299, generator=torch.Generator().manual_seed(14))
-    ref = logits(copy.deepcopy(ours).double(), x.double())
-    xd = x.cuda().to(dtype=dtype, memory_format=torch.channels_last)
-    assert_exact(logits(fused, xd).float(), logits(eager, xd).float(), ref, f"{backend} {dtype}")
+def test_gpu_backends_whole_model(ours, mobilenet, backend, dtype):
+    for model, size in ((ours, (299, 299)), (mobilenet, (224, 224))):
+        fused, _ = fuse(model, backend=backend)
+        fused = fused.cuda().to(dtype=dtype, memory_format=torch.channels_last)
+        eager = copy.deepcopy(model).cuda().to(dtype=dtype, memory_format=torch.channels_last)
+        x = randn(4, 3, *size, seed=40)
+        xd = x.cuda().to(dtype=dtype, memory_format=torch.channels_last)
+        assert_exact(logits(fused, xd).float(), logits(eager, xd).float(), reference(model, x), f"{backend} {dtype}")

@@ -1,20 +1,25 @@
 """The extension's sources and compiler flags: the one list that setup.py and the build on first
-use share. It imports nothing from torch, so setup.py can read it before torch is configured."""
+use share. It imports nothing from torch, so setup.py can read it before torch is configured.
+
+The sources live inside the package (xception_fast/csrc), so that a wheel or a plain
+``pip install .`` carries them and can compile them on first use.
+"""
 import os
 import shutil
 import sys
 import sysconfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 EXTENSION_NAME = "xception_fast._C"
 
-CPU_SOURCES = ["csrc/sepconv_bn.cpp"]
-CUDA_SOURCES = ["csrc/cuda/sepconv_bn_cuda.cu"]
+CPU_SOURCES = ["csrc/sepconv_checks.cpp", "csrc/cpu/sepconv_cpu.cpp"]
+CUDA_SOURCES = ["csrc/cuda/sepconv_cuda.cu"]
+HEADERS = ["csrc/sepconv.h"]
 # at::parallel_for is inlined into the extension: without OpenMP here it runs on one thread. The
 # OpenMP runtime it links is the libgomp torch has already loaded.
 OPENMP_FLAGS = [] if sys.platform == "darwin" else ["-fopenmp"]
 # torch builds in ISO C++ mode, where GCC does not contract a * b + c into one FMA instruction:
-# the CPU kernel's inner loops need it (it halves their instructions, and rounds once, not twice).
+# the CPU kernel's depthwise loops need it (it halves their instructions, and rounds once, not twice).
 CXX_FLAGS = ["-O3", "-ffp-contract=fast"] + OPENMP_FLAGS
 LINK_FLAGS = OPENMP_FLAGS
 NVCC_FLAGS = ["-O3", "-lineinfo"]
@@ -38,8 +43,9 @@ def cuda_home():
     return None
 
 
-def want_cuda(torch_cuda_version):
-    """Whether to compile the CUDA sources: a CUDA build of torch, a toolkit, and no opt-out."""
+def can_build_cuda(torch_cuda_version):
+    """Whether the CUDA sources can be compiled here: a CUDA build of torch, a toolkit, and no
+    opt-out."""
     if os.environ.get(SKIP_CUDA_ENV, "0") not in ("", "0"):
         return False
     return torch_cuda_version is not None and cuda_home() is not None
@@ -48,7 +54,7 @@ def want_cuda(torch_cuda_version):
 def include_dirs():
     # CUDA 13 builds of torch ship cusparse.h and friends in site-packages/nvidia/cu13/include,
     # and torch's CUDA headers include them.
-    dirs = [os.path.join(ROOT, "csrc")]
+    dirs = [os.path.join(PACKAGE_DIR, "csrc")]
     for sub in ("cu13", "cu12"):
         path = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", sub, "include")
         if os.path.isdir(path):
@@ -66,9 +72,11 @@ def prepare_cuda_environment():
     return root
 
 
-def sources(with_cuda, absolute=False):
-    files = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
-    return [os.path.join(ROOT, f) for f in files] if absolute else files
+def sources(with_cuda, relative_to=None):
+    """The sources to compile, as absolute paths, or relative to ``relative_to`` (setup.py wants
+    paths relative to its own directory)."""
+    files = [os.path.join(PACKAGE_DIR, f) for f in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
+    return [os.path.relpath(f, relative_to) for f in files] if relative_to else files
 
 
 def compile_args(with_cuda):

@@ -1,300 +1,1266 @@
 """Swapping the fused op into a model: ``fuse(model)``.
 
-A separable unit is the chain ``[ReLU ->] depthwise 3x3 Conv2d -> 1x1 Conv2d -> BatchNorm2d
-[-> ReLU] [-> + residual]``, found by structure: each module's forward is traced with torch.fx
-(Sequentials and conv-pair containers inlined, every other child a leaf) and its dataflow graph is
-searched for the chain. The unit is replaced in place, keeping every parameter, buffer and
-state_dict key where it was:
+What is fused
+-------------
+A *separable unit* is a depthwise conv and the pointwise conv it feeds, with what may sit around
+them::
 
-- the depthwise conv's slot gets a :class:`FusedSeparableConvBN`, which holds the depthwise weight
-  under the same name and runs the whole unit;
-- the pointwise conv and the BatchNorm stay in their slots as :class:`FusedAwayConv2d` /
-  :class:`FusedAwayBatchNorm2d`: the same module state (so ``state_dict``, ``load_state_dict``,
-  ``.to()`` and optimizers see what they saw), whose forward passes its input through;
-- the ReLUs taken into the kernel become ``nn.Identity``;
-- where the unit's output feeds only a residual add in its block's forward, the add is taken into
-  the kernel's epilogue: the block's forward is replaced by the rewritten fx graph (the block
-  object, its class and its children stay).
+    [act ->] DW k x k -> [BN] [-> act] -> PW 1x1 -> [BN] [-> act] [-> + residual]
+
+where BN is ``nn.BatchNorm2d`` (or timm's ``BatchNormAct2d``, whose BatchNorm is folded and whose
+activation is taken), act is ReLU / ReLU6 / Hardswish, and modules that are identities in eval
+(``nn.Identity``, Dropout, stochastic depth) may sit anywhere in the chain. Every other convolution
+followed by a BatchNorm (stems, MobileNetV2's expansion convs, shortcuts) gets that BatchNorm folded
+into its weights in eval.
+
+How it is found
+---------------
+By dataflow, not by module names: a module's forward is traced with torch.fx, every child that holds
+a convolution inlined (so a unit split over containers, such as timm's aligned Xception, whose
+leading ReLU, separable conv and residual add sit in three different modules, is seen whole), every
+other child a leaf. A unit belongs to the *lowest* module whose forward runs all of it (its owner);
+the owner's forward is rewritten, in an fx graph, to call the unit in one node. A unit is fused only
+where that is exact: see ``_match`` for each refusal, and ``FuseReport`` for what the report says.
+
+What the fused model is made of
+-------------------------------
+Every module stays in its slot, with its class, parameters, buffers and state_dict keys; only three
+things change:
+
+- the depthwise conv of a fused unit becomes a :class:`FusedSeparableConv2d` (its class is swapped in
+  place: the same object, the same parameters). Called alone it is the conv it was; called by its
+  owner with the rest of its unit's modules it runs the unit in one kernel.
+- a conv with a folded BatchNorm becomes a :class:`FusedConv2dBN` in the same way.
+- the owner's class becomes a subclass of its own, ``Fused<Class>`` (:class:`FusedBlock`), whose
+  forward runs the rewritten graph (``fused_code`` shows it). The pointwise convs, BatchNorms and
+  activations stay real registered children of their modules and are passed to the fused call, so
+  ``state_dict``, ``load_state_dict`` of an unfused checkpoint, ``.to()``, optimizers, deepcopy and
+  pickling see the model they saw.
 """
+import collections
 import dataclasses
+import linecache
 import operator
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .ops import BACKENDS, fold_bn, sepconv_bn
+from . import ops
+from .contract import BACKENDS, KERNEL_SIZES, STRIDES, fold_bn
 
-__all__ = ["FusedSeparableConvBN", "FusedAwayConv2d", "FusedAwayBatchNorm2d", "FuseReport", "fuse"]
+__all__ = ["FusedSeparableConv2d", "FusedConv2dBN", "FusedBlock", "FuseReport", "UnitReport", "fuse"]
 
-
-class _FusedAway:
-    """A module whose work was taken into the FusedSeparableConvBN before it."""
-
-    def forward(self, x):
-        return x
+_OP_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish"}
+_HALF = (torch.float16, torch.bfloat16)
 
 
-class FusedAwayConv2d(_FusedAway, nn.Conv2d):
-    """The pointwise conv of a fused unit: holds its weight and state_dict keys, passes through."""
+# ----------------------------------------------------------------------------------------------
+# What the modules in a chain are
+
+def _optional_class(module, name):
+    try:
+        return getattr(__import__(module, fromlist=[name]), name)
+    except (ImportError, AttributeError):
+        return None
 
 
-class FusedAwayBatchNorm2d(_FusedAway, nn.BatchNorm2d):
-    """The BatchNorm of a fused unit: holds its parameters, running statistics and state_dict keys,
-    passes through."""
+# Classes from timm and torchvision, when they are installed: fuse() never needs them itself.
+_CONV2D_SAME = _optional_class("timm.layers.conv2d_same", "Conv2dSame")
+_BN_ACT = _optional_class("timm.layers.norm_act", "BatchNormAct2d")
+_DROP_PATH = tuple(c for c in (_optional_class("timm.layers.drop", "DropPath"),
+                               _optional_class("torchvision.ops.stochastic_depth", "StochasticDepth")) if c)
 
 
-def _fused_away(module, cls):
-    away = cls.__new__(cls)
-    away.__dict__.update(module.__dict__)
-    return away
+def _act_name(m):
+    """The op's name for activation module m, or None if the op has no such activation."""
+    name = _OP_ACTIVATIONS.get(type(m))
+    if name is None and type(m) is nn.Hardtanh and m.min_val == 0.0 and m.max_val == 6.0:
+        name = "relu6"
+    return name
 
 
-class FusedSeparableConvBN(nn.Module):
-    """One separable unit, ``act_out(BN(PW(DW(act_in(x))))) + residual``, in one fused kernel.
+def _is_bn_act(m):
+    return _BN_ACT is not None and type(m) is _BN_ACT
 
-    Built by :func:`fuse` from the unit's modules. Eval mode folds BatchNorm into the pointwise
-    weights in float32 and caches the fold until a parameter or buffer changes (optimizer step,
-    ``load_state_dict``, ``.to()``). Train mode runs the fused depthwise + pointwise kernel, then
-    BatchNorm on its output with batch statistics, exactly as the eager unit (running statistics
-    included).
+
+def _is_plain_bn(m):
+    # Exact classes: a subclass may compute something else in its forward.
+    return type(m) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def _drop_probability(m):
+    """p of a module that is the identity in eval and random in train (Dropout, stochastic depth),
+    or None for any other module."""
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p
+    if _DROP_PATH and isinstance(m, _DROP_PATH):
+        return getattr(m, "drop_prob", getattr(m, "p", None))
+    return None
+
+
+def _is_identity_now(m):
+    """Whether m passes its input through in its current mode."""
+    if type(m) is nn.Identity:
+        return True
+    p = _drop_probability(m)
+    return p is not None and (not m.training or p == 0)
+
+
+def _bn_act_problem(m):
+    """Why timm's BatchNormAct2d m cannot be taken into the op (None if it can)."""
+    if not (type(m.drop) is nn.Identity or _drop_probability(m.drop) is not None):
+        return f"its drop layer {type(m.drop).__name__} is not an eval-mode identity"
+    if type(m.act) is not nn.Identity and _act_name(m.act) is None:
+        return f"its activation {type(m.act).__name__} is not one of the op's (relu, relu6, hardswish)"
+    return None
+
+
+def _bn_foldable(bn):
+    """Whether BatchNorm bn normalises with its running statistics now (the rule of its forward)."""
+    return not bn.training and bn.running_mean is not None and bn.running_var is not None
+
+
+def _bn_fold(weight, bias, bn):
+    return fold_bn(weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, bias)
+
+
+def _bn_sources(bn):
+    # BatchNorm's own train-mode update of its running statistics happens inside its kernel and
+    # leaves their _version as it was; num_batches_tracked, incremented by an in-place add in the
+    # module's forward, is what changes with each update.
+    return (bn.weight, bn.bias, bn.running_mean, bn.running_var, getattr(bn, "num_batches_tracked", None))
+
+
+def _tensor_key(t):
+    return None if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
+
+
+def _cacheable(tensors):
+    """Whether a fold or pack of ``tensors`` may be kept for the next call: not while compiling
+    (the fold is then part of the graph, and guards on versions would recompile), not where autograd
+    needs it (it must be differentiable), and not for inference tensors (they have no version)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return not any(t is not None and t.is_inference() for t in tensors)
+
+
+def _compute_dtype(x):
+    """The dtype the convs of eager PyTorch would multiply x in: the autocast dtype under autocast."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _fp32_precision():
+    conv = getattr(torch.backends.mkldnn, "conv", None)
+    return getattr(conv, "fp32_precision", None)
+
+
+def _pad_same(x, kernel_size, stride, dilation):
+    """TensorFlow's "same" padding of x for a conv, as timm's Conv2dSame pads (asymmetric where the
+    total is odd): integer arithmetic only, so that it also runs on symbolic sizes."""
+    pads = []
+    for size, k, s, d in zip(reversed(x.shape[-2:]), reversed(kernel_size), reversed(stride), reversed(dilation)):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused convs
+
+class _FusedConv:
+    """What both fused conv classes share. They are made by swapping the class of the user's own
+    conv object (``nn.Conv2d`` or timm's ``Conv2dSame``), so that every reference to it, its hooks
+    and its parameters stay; ``_conv_class`` remembers what it was, for the conv alone."""
+
+    _conv_class = nn.Conv2d
+
+    def _adopt(self, conv_class, backend):
+        self._conv_class = conv_class
+        self.backend = backend
+        self._fused_cache = None
+
+    def conv_alone(self, x):
+        """The conv as it was before fuse()."""
+        return self._conv_class.forward(self, x)
+
+    def _conv_with(self, x, weight, bias):
+        """This conv's computation (its padding, padding mode and "same" rule) with other weights."""
+        if self._conv_class is not nn.Conv2d:  # timm's Conv2dSame: pad, then an unpadded conv
+            return F.conv2d(_pad_same(x, self.kernel_size, self.stride, self.dilation), weight, bias, self.stride,
+                            0, self.dilation, self.groups)
+        return self._conv_forward(x, weight, bias)
+
+    def _forget(self):
+        # Whenever this module runs a BatchNorm of its unit as a module (train mode), the BatchNorm
+        # may update its running statistics: the next fold starts afresh, whatever the key says.
+        if not torch.compiler.is_compiling():
+            self._fused_cache = None
+
+    def _cached(self, key, make):
+        # One entry: a weight version, dtype and setting at a time. A model that alternates between
+        # dtypes refolds on each switch, which costs a fold per switch, never a wrong result.
+        cache = self._fused_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        value = make()
+        self._fused_cache = (key, value)
+        return value
+
+    def __getstate__(self):
+        # The cache is derived data tied to tensor addresses: a copy or a pickle rebuilds it.
+        state = super().__getstate__()
+        state["_fused_cache"] = None
+        return state
+
+
+class FusedConv2dBN(_FusedConv, nn.Conv2d):
+    """A convolution whose BatchNorm (the next module in its block) is folded into its weights in eval.
+
+    ``conv(x)``: the conv alone, as before fuse(). ``conv(x, bn=bn)``, as the fused block calls it:
+    ``bn(conv(x))``. With bn in eval mode that is one conv with weights and bias folded in float32
+    (``fold_bn``), cached until a weight, a running statistic, the dtype or the autocast state
+    changes; with bn using batch statistics (train mode) it is the two modules, one after the other,
+    so that the running statistics are updated by bn itself.
+
+    The fold is for float32 weights (float32 models, and autocast, which rounds the folded weights
+    once as it rounds eager's); a model converted to half precision runs the two modules. Under
+    autocast the folded bias is added in float32 to the conv's half-precision result, so that the
+    result is rounded once after the bias, where eager's BatchNorm rounds its output (a half-precision
+    conv bias would be rounded before the add).
     """
 
-    def __init__(self, dw_conv, pw_conv, bn, relu_input=False, relu_output=False, backend="auto"):
-        super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"FusedSeparableConvBN: backend must be one of {BACKENDS}, got {backend!r}")
-        self.weight = dw_conv.weight  # the depthwise weight, under the depthwise conv's key
-        # The pointwise conv and BatchNorm are registered in their own slots; a tuple keeps them
-        # from being registered here a second time.
-        self._unit = (pw_conv, bn)
-        self.in_channels, self.out_channels = dw_conv.in_channels, pw_conv.out_channels
-        self.relu_input, self.relu_output, self.backend = relu_input, relu_output, backend
-        self._fold_key = None
-        self._fold = None
+    def forward(self, x, bn=None):
+        if bn is None:
+            return self.conv_alone(x)
+        bn_act = _is_bn_act(bn)
+        if self.weight.dtype != torch.float32 or not _bn_foldable(bn) or (
+                bn_act and not _is_identity_now(bn.drop)):
+            # Weights stored in half precision would be rounded a second time once folded (eager
+            # rounds them once, when they are made): the fold would save a pass at the cost of
+            # exactness, so such a conv runs as its two modules. Float64 ones too: the fold is
+            # float32 by contract (contract.fold_bn), coarser than the model.
+            self._forget()  # bn may update its running statistics
+            return bn(self.conv_alone(x))
+        dtype = _compute_dtype(x)
+        sources = (self.weight, self.bias) + _bn_sources(bn)
 
-    @property
-    def pw_conv(self):
-        return self._unit[0]
+        def make():
+            weight, bias = _bn_fold(self.weight, self.bias, bn)
+            return (weight.to(dtype), bias) if dtype in _HALF else (weight.to(x.dtype), bias.to(x.dtype))
 
-    @property
-    def bn(self):
-        return self._unit[1]
+        if _cacheable(sources):
+            key = (tuple(_tensor_key(t) for t in sources), bn.eps, dtype, torch.is_inference_mode_enabled())
+            weight, bias = self._cached(key, make)
+        else:
+            weight, bias = make()
+        if dtype in _HALF:
+            # In place: the float32 sum is rounded once, into the conv's half-precision result.
+            y = self._conv_with(x, weight, None).add_(bias.reshape(-1, 1, 1))
+        else:
+            y = self._conv_with(x, weight, bias)
+        return bn.act(bn.drop(y)) if bn_act else y
 
     def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, relu_input={self.relu_input}, "
-                f"relu_output={self.relu_output}, backend={self.backend!r}")
+        return super().extra_repr() + ", BatchNorm folded in eval"
 
-    def _uses_batch_statistics(self):
-        bn = self.bn
-        return bn.training or bn.running_mean is None
 
-    def _fold_sources(self):
-        pw, bn = self.pw_conv, self.bn
-        return (pw.weight, pw.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+class FusedSeparableConv2d(_FusedConv, nn.Conv2d):
+    """The depthwise conv of a fused separable unit, which runs the whole unit in one kernel.
 
-    def folded(self):
-        """The float32 (weight, bias) of the pointwise conv with eval-mode BatchNorm folded in;
-        differentiable when autograd needs it, else cached until a source tensor changes."""
-        pw, bn = self.pw_conv, self.bn
-        sources = self._fold_sources()
-        if torch.compiler.is_compiling() or (
-                torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)):
-            return fold_bn(pw.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, pw.bias)
-        key = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in sources)
-        if key != self._fold_key:
-            self._fold = fold_bn(pw.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, pw.bias)
-            self._fold_key = key
-        return self._fold
+    ``conv(x)``: the depthwise conv alone, as before fuse(). ``conv(x, act_in=, mid=, pw=, out=,
+    residual=)``, as its fused block calls it, with the unit's own modules: ``act_in`` before the
+    depthwise conv, ``mid`` the modules between it and the pointwise conv ``pw`` (BatchNorm,
+    activation, eval-mode identities), ``out`` those after ``pw``, and the residual added last.
+    The result is the one the modules give run one after another; what runs depends on their modes:
 
-    def forward(self, x, residual=None):
-        if torch.is_autocast_enabled(x.device.type):
-            # The eager convs it replaces would run in the autocast dtype.
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x = x.to(dtype)
-            residual = None if residual is None else residual.to(dtype)
-        dw_weight = self.weight
-        if dw_weight.dtype != x.dtype and dw_weight.dtype != torch.float32:
-            dw_weight = dw_weight.to(x.dtype)
-        if not self._uses_batch_statistics():
-            weight, bias = self.folded()
-            return sepconv_bn(x, dw_weight, weight, bias, relu_input=self.relu_input, relu_output=self.relu_output,
-                              residual=residual, backend=self.backend)
-        pw_weight, pw_bias = self.pw_conv.weight, self.pw_conv.bias
-        if pw_weight.dtype != x.dtype and pw_weight.dtype != torch.float32:
-            pw_weight = pw_weight.to(x.dtype)
-        z = sepconv_bn(x, dw_weight, pw_weight, None if pw_bias is None else pw_bias.to(pw_weight.dtype),
-                       relu_input=self.relu_input, backend=self.backend)
-        y = nn.BatchNorm2d.forward(self.bn, z)
-        if self.relu_output:
-            y = F.relu(y)
+    - everything in eval (BatchNorms on running statistics, Dropout and stochastic depth off): one
+      call of the op, with both BatchNorms folded (float32) and the weights packed for the backend,
+      cached per weight version, dtype, backend and precision setting;
+    - a BatchNorm after the pointwise conv that needs batch statistics (train mode), or active
+      stochastic depth before the residual add: the op runs the unit up to that module, and the
+      rest (BatchNorm, activation, stochastic depth, the add) runs as eager modules. Xception's
+      units (no BatchNorm between the convs) keep that saving in training: the depthwise result and
+      the input activation's output are never stored; the backward recomputes them.
+    - a BatchNorm between the convs that needs batch statistics, or active Dropout there: the
+      normalisation needs the whole depthwise result first, so the unit runs as its eager modules,
+      one after the other (memory as eager).
+
+    A model converted to half precision keeps its BatchNorm after the pointwise conv out of the
+    fold (it runs as a module after the op): folded into half-precision weights it would round
+    them twice. Under autocast the weights are float32 and everything folds.
+    """
+
+    def _adopt_unit(self, conv_class, backend, padding):
+        self._adopt(conv_class, backend)
+        # None: timm's TensorFlow "same" padding, made by padding x before the op.
+        self._op_padding = padding
+
+    def forward(self, x, act_in=None, mid=(), pw=None, out=(), residual=None):
+        if pw is None:
+            return self.conv_alone(x)
+        if x.dtype == torch.float64:
+            return self._eager(x, act_in, mid, pw, out, residual)
+        # The chain up to the pointwise conv goes into the op only if every module in it can.
+        # The modules are checked as they are now, not as fuse() found them: one replaced since
+        # (a wrapper, another activation) sends the unit to its eager steps.
+        dw_bn, act_mid = None, "identity"
+        act_in_name = "identity" if act_in is None else _act_name(act_in)
+        for m in mid:
+            kind = _kind(m)
+            if kind == "bn":
+                if dw_bn is not None or not _bn_foldable(m) or (_is_bn_act(m) and _bn_act_problem(m)) or (
+                        _is_bn_act(m) and not _is_identity_now(m.drop)):
+                    return self._eager(x, act_in, mid, pw, out, residual)
+                dw_bn = m
+                if _is_bn_act(m) and type(m.act) is not nn.Identity:
+                    act_mid = _act_name(m.act)
+            elif kind in ("drop", "identity"):
+                if not _is_identity_now(m):
+                    return self._eager(x, act_in, mid, pw, out, residual)
+            elif kind == "act" and act_mid == "identity":
+                act_mid = _act_name(m)
+            else:
+                return self._eager(x, act_in, mid, pw, out, residual)
+        if act_in_name is None or _kind(pw) is not None or not isinstance(pw, nn.Conv2d):
+            return self._eager(x, act_in, mid, pw, out, residual)
+        # After it, the op takes as much as can go into its epilogue now. A BatchNorm folds into
+        # float32 pointwise weights only: the kernels multiply in half precision, so folded weights
+        # stored in half precision would be rounded a second time (the CPU and GPU kernels keep the
+        # depthwise taps in float32, so the BatchNorm between the convs folds for any weight dtype).
+        pw_bn, act_out, taken = None, "identity", 0
+        pw_foldable = pw.weight.dtype == torch.float32
+        for m in out:
+            if _is_identity_now(m):
+                pass
+            elif _kind(m) == "bn":
+                if pw_bn is not None or act_out != "identity" or not _bn_foldable(m) or not pw_foldable or (
+                        _is_bn_act(m) and (_bn_act_problem(m) or not _is_identity_now(m.drop))):
+                    break
+                pw_bn = m
+                if _is_bn_act(m) and type(m.act) is not nn.Identity:
+                    act_out = _act_name(m.act)
+            elif _act_name(m) is not None and act_out == "identity":
+                act_out = _act_name(m)
+            else:
+                break
+            taken += 1
+        dtype = _compute_dtype(x)
+        residual_in = residual is not None and taken == len(out) and self._residual_fits(x, pw, residual, dtype)
+        y = self._op(x, dw_bn, pw, pw_bn, act_in_name, act_mid, act_out, residual if residual_in else None, dtype)
+        if taken < len(out):
+            self._forget()
+        for m in out[taken:]:
+            y = m(y)
+        return y + residual if residual is not None and not residual_in else y
+
+    def _eager(self, x, act_in, mid, pw, out, residual):
+        """The unit's modules one after another, exactly as the unfused block runs them."""
+        self._forget()
+        y = self.conv_alone(act_in(x) if act_in is not None else x)
+        for m in mid:
+            y = m(y)
+        y = pw(y)
+        for m in out:
+            y = m(y)
         return y if residual is None else y + residual
+
+    def _output_shape(self, x, pw):
+        k, s, d = self.kernel_size[0], self.stride[0], self.dilation[0]
+        if self._op_padding is None:  # "same": ceil(size / stride)
+            return [x.shape[0], pw.out_channels] + [-(-n // s) for n in x.shape[-2:]]
+        p = self._op_padding
+        return [x.shape[0], pw.out_channels] + [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n in x.shape[-2:]]
+
+    def _residual_fits(self, x, pw, residual, dtype):
+        # The kernel adds a residual of the output's shape and dtype. Eager's add would broadcast
+        # another shape or promote another dtype: that add stays eager.
+        return (isinstance(residual, torch.Tensor) and list(residual.shape) == self._output_shape(x, pw)
+                and residual.dtype == dtype and residual.device == x.device)
+
+    def _weights(self, x, dw_bn, pw, pw_bn, dtype, backend):
+        """(dw_weight, dw_bias, pw_weight, pw_bias, packed) of the op, BatchNorms folded."""
+        sources = (self.weight, self.bias, pw.weight, pw.bias)
+        for bn in (dw_bn, pw_bn):
+            if bn is not None:
+                sources += _bn_sources(bn)
+        # The CPU kernel lays oneDNN's weights out for the output's shape (other shapes would pay a
+        # reorder per call).
+        output_size = tuple(self._output_shape(x, pw)) if backend == "cpu" else None
+
+        def make(pack):
+            dw_weight, dw_bias = (self.weight, self.bias) if dw_bn is None else _bn_fold(self.weight, self.bias, dw_bn)
+            pw_weight, pw_bias = (pw.weight, pw.bias) if pw_bn is None else _bn_fold(pw.weight, pw.bias, pw_bn)
+            packed = None
+            if pack and backend != "reference":
+                with torch.no_grad():
+                    packed = ops.pack_weights(backend, dtype, dw_weight, dw_bias, pw_weight, pw_bias, output_size)
+            return dw_weight, dw_bias, pw_weight, pw_bias, packed
+
+        if not _cacheable(sources):
+            return make(pack=False)
+        # The kernels refuse packed weights made for another dtype or fp32 precision setting; the
+        # key holds what the pack depends on, so that a change repacks instead of failing.
+        key = (tuple(_tensor_key(t) for t in sources), dw_bn is not None and dw_bn.eps,
+               pw_bn is not None and pw_bn.eps, dtype, backend, torch.is_inference_mode_enabled(),
+               _fp32_precision() if backend == "cpu" and dtype == torch.float32 else None, output_size)
+        return self._cached(key, lambda: make(pack=True))
+
+    def _op(self, x, dw_bn, pw, pw_bn, act_in, act_mid, act_out, residual, dtype):
+        backend = ops.resolve_backend(self.backend, x.device)
+        dw_weight, dw_bias, pw_weight, pw_bias, packed = self._weights(x, dw_bn, pw, pw_bn, dtype, backend)
+        padding = self._op_padding
+        if padding is None:
+            # Zero padding commutes with the op's activations (each maps 0 to 0), so padding before
+            # act_in is what Conv2dSame after the activation computes.
+            x, padding = _pad_same(x, self.kernel_size, self.stride, self.dilation), 0
+        # x is not cast under autocast: the op's autocast rule casts x and the residual itself.
+        return ops.sepconv(x, dw_weight, pw_weight, pw_bias, dw_bias=dw_bias, stride=self.stride[0], padding=padding,
+                           dilation=self.dilation[0], act_in=act_in, act_mid=act_mid, act_out=act_out,
+                           residual=residual, packed=packed, backend=backend)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", heads a fused separable unit (backend={self.backend!r})"
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused blocks
+
+_FUSED_CLASSES = {}
+
+
+def _fused_class(base):
+    """``Fused<base>``: base with its forward replaced by the instance's rewritten graph. Made once
+    per class; pickled by naming base (see FusedBlock.__reduce_ex__), so it needs no import path."""
+    cls = _FUSED_CLASSES.get(base)
+    if cls is None:
+        cls = type(f"Fused{base.__name__}", (FusedBlock, base),
+                   {"__module__": __name__, "__qualname__": f"Fused{base.__name__}", "_fused_base": base})
+        _FUSED_CLASSES[base] = cls
+    return cls
+
+
+def _rebuild_fused_block(base):
+    cls = _fused_class(base)
+    return cls.__new__(cls)
+
+
+class FusedBlock(nn.Module):
+    """A module whose forward was rewritten by fuse(): its fused units are each one call.
+
+    The class of a fused block is ``Fused<Class>``, a subclass of its own class (isinstance, its
+    attributes and its other methods stay). Its forward runs the fx graph of the original forward
+    with the units replaced (``fused_code`` shows the code). The original forward was traced in train
+    mode and in eval mode; where the two differ (a forward that branches on ``self.training``) the
+    block keeps both graphs and runs the one of its current mode.
+
+    The graph was traced once: Python-level decisions of the original forward (flags such as
+    ``has_skip``, ``grad_checkpointing``) are fixed at their values at fuse() time.
+    """
+
+    _fused_base = nn.Module
+
+    def forward(self, *args, **kwargs):
+        return self._fused_forwards[self.training](self, *args, **kwargs)
+
+    @property
+    def fused_code(self):
+        """The Python code of the fused forward (of eval mode, then of train mode where it differs)."""
+        eval_graph, train_graph = self._fused_graphs
+        code = eval_graph.python_code(root_module="self").src
+        if train_graph is not eval_graph:
+            code = "# eval mode\n" + code + "\n# train mode\n" + train_graph.python_code(root_module="self").src
+        return code
+
+    def _compile_fused(self):
+        compiled = {}
+        forwards = []
+        for graph in self._fused_graphs:
+            if id(graph) not in compiled:
+                compiled[id(graph)] = _compile_forward(graph, type(self).__name__)
+            forwards.append(compiled[id(graph)])
+        # Indexed by self.training: (eval, train).
+        self._fused_forwards = tuple(forwards)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_fused_forwards", None)  # compiled code: rebuilt from the graphs
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._compile_fused()
+
+    def __reduce_ex__(self, protocol):
+        # The class is made at run time; a pickle (and deepcopy) names the user's class instead.
+        return _rebuild_fused_block, (self._fused_base,), self.__getstate__()
+
+
+def _compile_forward(graph, name):
+    code = graph.python_code(root_module="self")
+    filename = f"<fused forward of {name} {id(graph):x}>"
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+    namespace = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - fx's own generated code
+    return namespace["forward"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracing
+
+class _Tracer(fx.Tracer):
+    """Traces one module's forward. A child is inlined when it holds a convolution (a unit may be
+    split across containers), and is a leaf otherwise, as are convs, BatchNorms and fused blocks. A
+    child whose forward fx cannot trace becomes a leaf too (its own forward is traced on its own).
+
+    Records per node the modules whose forwards it ran inside (``meta["fuse_owners"]``), and how
+    many times each module was called."""
+
+    def __init__(self, has_conv=None):
+        # No required arguments: torch.fx may rebuild a tracer of this class with none.
+        super().__init__()
+        self._has_conv = has_conv or {}
+        self._inlined = []
+        self._forced_leaves = set()
+        self.calls = collections.Counter()
+        self.untraceable = {}  # qualname -> why fx could not inline it
+
+    def is_leaf_module(self, m, qualname):
+        if m is self.root:
+            return False
+        if isinstance(m, (nn.Conv2d, _BatchNorm, FusedBlock)) or id(m) in self._forced_leaves:
+            return True
+        return not self._has_conv.get(id(m), False)
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        node.meta["fuse_owners"] = tuple(self._inlined)
+        return node
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        # No proxy cache: a failed inline below erases its nodes, and a cached proxy of one of them
+        # would outlive it.
+        return super().getattr(attr, attr_val, {})
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        self.calls[name] += 1
+        if self.is_leaf_module(m, name):
+            return super().call_module(m, forward, args, kwargs)
+        length = len(self.graph.nodes)
+        saved = (collections.OrderedDict(self.module_stack), dict(getattr(self, "num_calls", {})),
+                 collections.Counter(self.calls), dict(self.untraceable))
+        self._inlined.append(name)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as error:  # noqa: BLE001 - any failure makes m a leaf, traced on its own
+            failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        finally:
+            self._inlined.pop()
+        for node in reversed(list(self.graph.nodes)[length:]):
+            self.graph.erase_node(node)
+        self.module_stack.clear()
+        self.module_stack.update(saved[0])
+        if hasattr(self, "num_calls"):
+            self.num_calls.clear()
+            self.num_calls.update(saved[1])
+        self.calls, self.untraceable = saved[2], saved[3]
+        self.untraceable[name] = failure
+        self._forced_leaves.add(id(m))
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _conv_holders(model):
+    """id(module) -> whether it is or holds an nn.Conv2d."""
+    has_conv = {}
+
+    def visit(m):
+        if id(m) in has_conv:
+            return has_conv[id(m)]
+        has_conv[id(m)] = False  # a module that holds itself
+        found = isinstance(m, nn.Conv2d)
+        for child in m.children():
+            found = visit(child) or found
+        has_conv[id(m)] = found
+        return found
+
+    visit(model)
+    return has_conv
+
+
+def _trace(module, has_conv):
+    tracer = _Tracer(has_conv)
+    graph = tracer.trace(module)
+    return tracer, graph
+
+
+# ----------------------------------------------------------------------------------------------
+# Matching
+
+@dataclasses.dataclass
+class _Unit:
+    dw: fx.Node
+    act_in: fx.Node = None
+    mid: list = dataclasses.field(default_factory=list)
+    pw: fx.Node = None
+    out: list = dataclasses.field(default_factory=list)
+    add: fx.Node = None
+    residual: fx.Node = None
+
+    def nodes(self):
+        return [n for n in [self.act_in, self.dw, *self.mid, self.pw, *self.out, self.add] if n is not None]
+
+
+@dataclasses.dataclass
+class _Fold:
+    conv: fx.Node
+    bn: fx.Node
+
+    def nodes(self):
+        return [self.conv, self.bn]
+
+
+def _describe(node, modules):
+    """A node as the report names it: a module by name and class, a function by name, the module
+    it ran inside where it is part of an inlined forward."""
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[node.target]).__name__})"
+    if node.op == "output":
+        return "the forward's return"
+    owners = node.meta.get("fuse_owners", ())
+    what = getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        what = f".{node.target}()"
+    if owners:
+        return f"{owners[-1]} ({type(modules[owners[-1]]).__name__})"
+    return f"{what}"
+
+
+def _is_depthwise(m):
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+
+
+def _conv_kind(m):
+    """'plain' for nn.Conv2d, 'same' for timm's Conv2dSame, None for other Conv2d classes (their
+    forward may compute something else)."""
+    if type(m) is nn.Conv2d:
+        return "plain"
+    if _CONV2D_SAME is not None and type(m) is _CONV2D_SAME:
+        return "same"
+    return None
+
+
+def _dw_padding(m):
+    """The depthwise conv's symmetric zero padding as the op takes it (None: Conv2dSame's), or the
+    reason there is none."""
+    k, d = m.kernel_size[0], m.dilation[0]
+    if _conv_kind(m) == "same":
+        return None, None
+    if m.padding == "valid":
+        return 0, None
+    if m.padding == "same":
+        return d * (k - 1) // 2, None
+    if m.padding[0] != m.padding[1]:
+        return None, f"asymmetric padding {tuple(m.padding)}"
+    return m.padding[0], None
+
+
+def _dw_problem(m):
+    """Why depthwise conv m cannot head a unit of the op (None if it can)."""
+    if _conv_kind(m) is None:
+        return f"it is a {type(m).__name__}, a Conv2d subclass with its own forward"
+    if m.out_channels != m.in_channels:
+        return f"channel multiplier {m.out_channels // m.in_channels} (the op's depthwise conv has 1)"
+    if m.kernel_size[0] != m.kernel_size[1] or m.kernel_size[0] not in KERNEL_SIZES:
+        return f"kernel {m.kernel_size[0]}x{m.kernel_size[1]} (the op takes square kernels of {KERNEL_SIZES})"
+    if m.stride[0] != m.stride[1] or m.stride[0] not in STRIDES:
+        return f"stride {tuple(m.stride)} (the op takes 1 or 2, the same along both axes)"
+    if m.dilation[0] != m.dilation[1]:
+        return f"dilation {tuple(m.dilation)} differs between the axes"
+    if m.padding_mode != "zeros":
+        return f"padding_mode {m.padding_mode!r} (the op pads with zeros)"
+    return _dw_padding(m)[1]
+
+
+def _pw_problem(m, channels):
+    if not isinstance(m, nn.Conv2d):
+        return "not a conv"
+    if _conv_kind(m) is None:
+        return f"a {type(m).__name__}, a Conv2d subclass with its own forward"
+    padding = 0 if m.padding in ("valid", "same") else max(m.padding)
+    if m.kernel_size != (1, 1) or m.stride != (1, 1) or padding != 0 or m.groups != 1:
+        return (f"a {m.kernel_size[0]}x{m.kernel_size[1]} conv (stride {m.stride[0]}, groups {m.groups}), "
+                "not a pointwise conv")
+    if m.in_channels != channels:
+        return f"a pointwise conv of {m.in_channels} input channels, not {channels}"
+    return None
+
+
+def _kind(m):
+    """What module m is in a chain: 'bn', 'act', 'drop' (identity in eval), 'identity', or None."""
+    if _is_plain_bn(m) or _is_bn_act(m):
+        return "bn"
+    if _act_name(m) is not None:
+        return "act"
+    if type(m) is nn.Identity:
+        return "identity"
+    if _drop_probability(m) is not None:
+        return "drop"
+    return None
+
+
+def _single_module_user(node, modules):
+    """The one user of node if it is a module called on node alone; else (None, why not)."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module" and users[0].args == (node,) and not users[0].kwargs:
+        return users[0], None
+    if not users:
+        return None, f"the result of {_describe(node, modules)} is unused"
+    described = sorted({_describe(u, modules) for u in users})
+    depth = len(node.meta.get("fuse_owners", ()))
+    inside = {u.meta.get("fuse_owners", ())[depth:depth + 1] for u in users}
+    if len(described) == 1 and (len(users) == 1 or () not in inside):
+        # One module (a squeeze-excitation, inlined or not) or one function takes it.
+        return None, f"{described[0]} sits between the depthwise and the pointwise conv"
+    return None, (f"the result of {_describe(node, modules)} is used {len(users)} times "
+                  f"({', '.join(described)}): it must exist on its own")
+
+
+def _is_add(node):
+    if node.kwargs or len(node.args) != 2:
+        return False
+    if node.op == "call_function":
+        return node.target in (operator.add, torch.add)
+    return node.op == "call_method" and node.target == "add"
+
+
+def _mutates_input(node, modules):
+    """Whether node may write into one of its inputs."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        # A BatchNorm's (timm's BatchNormAct2d's) in-place activation writes into its own output.
+        return bool(getattr(m, "inplace", False)) and not isinstance(m, (_BatchNorm, nn.Conv2d))
+    if node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        return (name.endswith("_") and not name.endswith("__")) or name in ("iadd", "isub", "imul", "itruediv")
+    return False
+
+
+def _is_random(node, modules):
+    if node.op == "call_module":
+        return _drop_probability(modules[node.target]) is not None
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return any(word in name for word in ("dropout", "rand", "bernoulli", "drop_path"))
+
+
+def _arg_nodes(args):
+    """The nodes among a node's arguments, also inside lists, tuples and dicts."""
+    found = []
+    fx.node.map_arg(args, found.append)
+    return found
+
+
+def _interleaved_problem(nodes, inputs, order, modules):
+    """Why the nodes of a unit cannot become one call at the position of their last node.
+
+    Moving them there is exact unless a node that ran between them in the original order writes into
+    one of the unit's inputs (the unit would read the written value), or draws random numbers while
+    the unit does too (the draws would change order)."""
+    members = set(nodes)
+    first, last = min(order[n] for n in nodes), max(order[n] for n in nodes)
+    random_unit = any(n.op == "call_module" and _drop_probability(modules[n.target]) is not None for n in nodes)
+    for node in list(nodes[0].graph.nodes)[first + 1:last]:
+        if node in members:
+            continue
+        if _mutates_input(node, modules) and any(a in inputs for a in _arg_nodes(node.args)):
+            return f"{_describe(node, modules)} writes in place into the unit's input between its convs"
+        if random_unit and _is_random(node, modules):
+            return f"{_describe(node, modules)} draws random numbers between the unit's Dropouts"
+    return None
+
+
+def _match(graph, modules, calls, only=None):
+    """Find the separable units and the conv + BatchNorm folds in a traced graph.
+
+    Returns (units, folds, refusals): refusals maps each depthwise conv's name that heads no unit to
+    the reason. ``only``: the names of the depthwise convs and folded convs to consider (the others
+    are left as they are, and not reported).
+    """
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    units, refusals = {}, {}
+
+    def called_once(node):
+        return calls[node.target] == 1
+
+    for dw in graph.nodes:
+        if dw.op != "call_module" or not _is_depthwise(modules[dw.target]):
+            continue
+        if isinstance(modules[dw.target], _FusedConv) or (only is not None and dw.target not in only):
+            continue
+        m = modules[dw.target]
+        why = _dw_problem(m)
+        if why is None and not called_once(dw):
+            # One module, two places: fusing one call site (as torch.fx's own fuser does, pytorch
+            # #197539) would change what the other computes.
+            why = f"the conv is called {calls[dw.target]} times in one forward"
+        if why is None and (len(dw.args) != 1 or dw.kwargs or not isinstance(dw.args[0], fx.Node)):
+            why = "it is called with more than its input"
+        if why is not None:
+            refusals[dw.target] = why
+            continue
+        unit, why = _walk(dw, m.in_channels, modules, calls)
+        if why is None:
+            units[dw.target] = unit
+        else:
+            refusals[dw.target] = why
+
+    # The activation between two units goes to the one after it (into the op's prologue, where
+    # training keeps it unstored too); the unit before ends its epilogue before it.
+    act_ins = {}
+    for name, unit in units.items():
+        act = _act_in(unit.dw, modules, calls)
+        if act is not None:
+            act_ins[act] = name
+    for name, unit in units.items():
+        unit.act_in = next((a for a, owner in act_ins.items() if owner == name), None)
+        _extend_out(unit, modules, calls, set(act_ins))
+
+    for name, unit in list(units.items()):
+        inputs = {unit.act_in.args[0] if unit.act_in is not None else unit.dw.args[0], unit.residual}
+        why = _interleaved_problem(unit.nodes(), inputs, order, modules)
+        if why is not None and unit.add is not None:
+            unit.add = unit.residual = None  # without its add, the unit may end before that node
+            why = _interleaved_problem(unit.nodes(), inputs, order, modules)
+        if why is not None and unit.act_in is not None:
+            unit.act_in = None
+            why = _interleaved_problem(unit.nodes(), {unit.dw.args[0]}, order, modules)
+        if why is not None:
+            refusals[name] = why
+            del units[name]
+
+    taken = {n for unit in units.values() for n in unit.nodes()}
+    folds = {}
+    for conv in graph.nodes:
+        if conv.op != "call_module" or conv in taken or not isinstance(modules[conv.target], nn.Conv2d):
+            continue
+        m = modules[conv.target]
+        if _conv_kind(m) is None or isinstance(m, _FusedConv) or (only is not None and conv.target not in only):
+            continue
+        if not called_once(conv) or len(conv.args) != 1 or conv.kwargs:
+            continue
+        bn, _ = _single_module_user(conv, modules)
+        if bn is None or bn in taken or _kind(modules[bn.target]) != "bn" or not called_once(bn):
+            continue
+        # Any activation: FusedConv2dBN calls the BatchNorm's own act module after the folded conv.
+        if modules[bn.target].num_features != m.out_channels:
+            continue
+        if _interleaved_problem([conv, bn], {conv.args[0]}, order, modules) is None:
+            folds[conv.target] = _Fold(conv, bn)
+    return units, folds, refusals
+
+
+def _walk(dw, channels, modules, calls):
+    """From depthwise conv node dw to its pointwise conv: (unit, None) or (None, why not)."""
+    unit = _Unit(dw)
+    node = dw
+    bn = act = False
+    while True:
+        user, why = _single_module_user(node, modules)
+        if user is None:
+            return None, why
+        m = modules[user.target]
+        if isinstance(m, nn.Conv2d):
+            why = _pw_problem(m, channels)
+            if why is not None:
+                return None, f"it is followed by {user.target}, {why}"
+            if calls[user.target] != 1:
+                return None, f"the pointwise conv {user.target} is called {calls[user.target]} times in one forward"
+            unit.pw = user
+            return unit, None
+        kind = _kind(m)
+        if kind is None:
+            return None, f"{_describe(user, modules)} sits between the depthwise and the pointwise conv"
+        if calls[user.target] != 1:
+            return None, f"{user.target} is called {calls[user.target]} times in one forward"
+        if kind == "bn":
+            if bn or act:
+                return None, ("two BatchNorms between the convs" if bn else
+                              "an activation before the BatchNorm between the convs")
+            if m.num_features != channels:
+                return None, f"{user.target} normalises {m.num_features} channels, not {channels}"
+            if _is_bn_act(m):
+                why = _bn_act_problem(m)
+                if why is not None:
+                    return None, f"{user.target}: {why}"
+                act = type(m.act) is not nn.Identity
+            bn = True
+        elif kind == "act":
+            if act:
+                return None, "two activations between the convs"
+            act = True
+        unit.mid.append(user)  # nn.Identity too: its node is erased with the unit's (it is not passed)
+        node = user
+
+
+def _act_in(dw, modules, calls):
+    """The activation node before dw that the op can apply in its prologue, or None."""
+    act = dw.args[0]
+    if act.op != "call_module" or _act_name(modules[act.target]) is None or calls[act.target] != 1:
+        return None
+    if list(act.users) != [dw] or len(act.args) != 1 or act.kwargs or not isinstance(act.args[0], fx.Node):
+        return None
+    if getattr(modules[act.target], "inplace", False):
+        source = act.args[0]
+        # An in-place activation also changes its input for whoever else reads it (in this forward,
+        # or the caller, for a placeholder): taken into the kernel, it would not.
+        if source.op == "placeholder" or len(source.users) != 1:
+            return None
+    return act
+
+
+def _extend_out(unit, modules, calls, act_ins):
+    """The modules after the pointwise conv that the op's epilogue can take, then the residual add."""
+    node = unit.pw
+    bn = act = False
+    channels = modules[unit.pw.target].out_channels
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return
+        user = users[0]
+        if user.op == "call_module" and user.args == (node,) and not user.kwargs and user not in act_ins:
+            m = modules[user.target]
+            kind = _kind(m)
+            fits = calls[user.target] == 1 and (
+                kind in ("identity", "drop")
+                or (kind == "bn" and not bn and not act and m.num_features == channels
+                    and (not _is_bn_act(m) or _bn_act_problem(m) is None))
+                or (kind == "act" and not act))
+            if fits:
+                if kind == "bn":
+                    bn = True
+                    act = _is_bn_act(m) and type(m.act) is not nn.Identity
+                act = act or kind == "act"
+                unit.out.append(user)
+                node = user
+                continue
+            return
+        if _is_add(user):
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            if isinstance(other, fx.Node) and other is not node:
+                unit.add, unit.residual = user, other
+        return
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+@dataclasses.dataclass
+class UnitReport:
+    """One depthwise conv: the unit it heads and whether fuse() fused it.
+
+    ``name``: the depthwise conv's qualified name. ``fused``: whether it runs in the op.
+    ``detail``: when fused, the unit's form (``relu > dw3x3 +bn > relu6 > pw 96->24 +bn > +residual``);
+    otherwise why it was left as it was. ``block``: the module whose forward runs the fused unit.
+    """
+
+    name: str
+    fused: bool
+    detail: str
+    block: str = ""
+    residual: bool = False
 
 
 @dataclasses.dataclass
 class FuseReport:
-    """What :func:`fuse` did: the fused units (by the name of their depthwise conv) and which of
-    them took a residual add into the kernel."""
+    """What :func:`fuse` did, per depthwise conv of the model, and the convs with BatchNorm folded.
 
-    names: list
-    with_residual: list
+    ``names``: the fused units (by their depthwise conv's name); ``count`` how many;
+    ``with_residual``: those that took their residual add into the kernel; ``refused``: (name,
+    reason) of every depthwise conv left as it was; ``folded``: the other convs whose BatchNorm is
+    folded in eval. ``print(report)`` gives ``summary``, then a line per depthwise conv.
+    """
+
+    units: list
+    folded: list
+
+    @property
+    def names(self):
+        return [u.name for u in self.units if u.fused]
+
+    @property
+    def with_residual(self):
+        return [u.name for u in self.units if u.fused and u.residual]
 
     @property
     def count(self):
         return len(self.names)
 
+    @property
+    def refused(self):
+        return [(u.name, u.detail) for u in self.units if not u.fused]
+
+    @property
+    def summary(self):
+        """The first line of ``str(report)``: the counts, for a log line."""
+        return (f"fused {self.count} separable unit{'s' if self.count != 1 else ''} of {len(self.units)} "
+                f"depthwise conv{'s' if len(self.units) != 1 else ''} "
+                f"({len(self.with_residual)} with their residual add); BatchNorm folded into "
+                f"{len(self.folded)} other conv{'s' if len(self.folded) != 1 else ''}")
+
     def __str__(self):
-        return f"fused {self.count} separable units ({len(self.with_residual)} with their residual add)"
+        width = max((len(u.name) for u in self.units), default=0)
+        lines = [self.summary]
+        for fused, title in ((True, "fused:"), (False, "left as they were:")):
+            chosen = [u for u in self.units if u.fused == fused]
+            if chosen:
+                lines.append(f"  {title}")
+                lines += [f"    {u.name:<{width}}  {u.detail}" for u in chosen]
+        return "\n".join(lines)
+
+
+def _unit_form(unit, modules):
+    """The unit as the report shows it: ``relu > dw3x3 s2 +bn > relu6 > pw 96->24 +bn > +residual``."""
+    def section(conv_text, nodes):
+        # A conv, "+bn" for its BatchNorm, then its activation.
+        acts = []
+        for node in nodes:
+            m = modules[node.target]
+            if _kind(m) == "bn":
+                conv_text += " +bn"
+                if _is_bn_act(m) and type(m.act) is not nn.Identity:
+                    acts.append(_act_name(m.act))
+            elif _kind(m) == "act":
+                acts.append(_act_name(m))
+        return [conv_text] + acts
+
+    dw, pw = modules[unit.dw.target], modules[unit.pw.target]
+    k = dw.kernel_size[0]
+    dw_text = f"dw{k}x{k}" + (f" s{dw.stride[0]}" if dw.stride[0] > 1 else "") + (
+        f" d{dw.dilation[0]}" if dw.dilation[0] > 1 else "") + (" tf-same" if _conv_kind(dw) == "same" else "")
+    parts = [] if unit.act_in is None else [_act_name(modules[unit.act_in.target])]
+    parts += section(dw_text, unit.mid) + section(f"pw {pw.in_channels}->{pw.out_channels}", unit.out)
+    if unit.add is not None:
+        parts.append("+residual")
+    return " > ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------
-# Finding the units
+# Rewriting
 
-def _is_depthwise_3x3(m):
-    return (type(m) is nn.Conv2d and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.padding == (1, 1)
-            and m.dilation == (1, 1) and m.padding_mode == "zeros" and m.groups == m.in_channels == m.out_channels
-            and m.bias is None)
+def _join(prefix, name):
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _is_pointwise(m, channels):
-    return (type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
-            and m.groups == 1 and m.in_channels == channels)
+def _rewrite(graph, units, folds, modules):
+    """Replace each unit and fold in graph by one call of its fused conv, at its last node."""
+    for unit in units:
+        last = unit.nodes()[-1]
+        x = unit.act_in.args[0] if unit.act_in is not None else unit.dw.args[0]
+        with graph.inserting_before(last):
+            def attr(node):
+                return graph.get_attr(node.target)
 
-
-def _is_conv_pair(m):
-    children = list(m.children())
-    return len(children) == 2 and all(type(c) is nn.Conv2d for c in children) and children[0].groups > 1
-
-
-class _UnitTracer(fx.Tracer):
-    """Traces one module's own forward: Sequentials and conv-pair containers are inlined, every
-    other child is a leaf (its own forward is searched when fuse() visits it)."""
-
-    def __init__(self, root=None):
-        # root may be None: torch.fx rebuilds a pickled GraphModule with its tracer class, no arguments.
-        super().__init__()
-        self.root_module = root
-
-    def is_leaf_module(self, m, qualname):
-        return not (m is self.root_module or isinstance(m, nn.Sequential) or _is_conv_pair(m))
-
-
-@dataclasses.dataclass
-class _Unit:
-    relu_in: fx.Node
-    dw: fx.Node
-    pw: fx.Node
-    bn: fx.Node
-    relu_out: fx.Node
-    add: fx.Node
-    residual: fx.Node
-
-
-def _single_user(node):
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-def _module_node(node, modules, predicate):
-    return node is not None and node.op == "call_module" and predicate(modules[node.target])
-
-
-def _find_units(graph, modules):
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    units = []
-    for dw in graph.nodes:
-        if not _module_node(dw, modules, _is_depthwise_3x3) or len(dw.args) != 1 or dw.kwargs:
-            continue
-        pw = _single_user(dw)
-        channels = modules[dw.target].out_channels
-        if not _module_node(pw, modules, lambda m: _is_pointwise(m, channels)) or pw.args != (dw,):
-            continue
-        bn = _single_user(pw)
-        out_channels = modules[pw.target].out_channels
-        if not _module_node(bn, modules, lambda m: type(m) is nn.BatchNorm2d and m.num_features == out_channels):
-            continue
-        if bn.args != (pw,):
-            continue
-        source = dw.args[0]
-        relu_in = source if (_module_node(source, modules, lambda m: type(m) is nn.ReLU)
-                             and _single_user(source) is dw) else None
-        relu_out = _single_user(bn)
-        if not (_module_node(relu_out, modules, lambda m: type(m) is nn.ReLU) and relu_out.args == (bn,)):
-            relu_out = None
-        last = relu_out or bn
-        add, residual = _single_user(last), None
-        if (add is not None and add.op == "call_function" and add.target in (operator.add, torch.add)
-                and len(add.args) == 2 and not add.kwargs):
-            other = add.args[1] if add.args[0] is last else add.args[0]
-            # The residual must exist before the fused call, which takes the depthwise conv's place.
-            if isinstance(other, fx.Node) and other is not last and order[other] < order[dw]:
-                residual = other
-        units.append(_Unit(relu_in, dw, pw, bn, relu_out, add if residual is not None else None, residual))
-    return units
-
-
-def _set_submodule(root, qualname, module):
-    parent, _, name = qualname.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
-def _fuse_units(root, units, backend, prefix):
-    modules = dict(root.named_modules())
-    for u in units:
-        dw, pw, bn = (modules[n.target] for n in (u.dw, u.pw, u.bn))
-        pw_away, bn_away = _fused_away(pw, FusedAwayConv2d), _fused_away(bn, FusedAwayBatchNorm2d)
-        fused = FusedSeparableConvBN(dw, pw_away, bn_away, relu_input=u.relu_in is not None,
-                                     relu_output=u.relu_out is not None, backend=backend)
-        _set_submodule(root, u.dw.target, fused)
-        _set_submodule(root, u.pw.target, pw_away)
-        _set_submodule(root, u.bn.target, bn_away)
-        for relu in (u.relu_in, u.relu_out):
-            if relu is not None:
-                _set_submodule(root, relu.target, nn.Identity())
-    return [prefix + u.dw.target for u in units]
-
-
-def _take_residuals_into_kernel(root, graph, units):
-    """Rewrite root's forward so that each unit's residual add happens in the kernel's epilogue."""
-    for u in units:
-        u.dw.kwargs = {"residual": u.residual}
-        u.add.replace_all_uses_with(u.relu_out or u.bn)
-        graph.erase_node(u.add)
+            kwargs = {}
+            if unit.act_in is not None:
+                kwargs["act_in"] = attr(unit.act_in)
+            # nn.Identity is the identity in every mode: it needs no passing.
+            kwargs["mid"] = tuple(attr(n) for n in unit.mid if type(modules[n.target]) is not nn.Identity)
+            kwargs["pw"] = attr(unit.pw)
+            kwargs["out"] = tuple(attr(n) for n in unit.out if type(modules[n.target]) is not nn.Identity)
+            if unit.residual is not None:
+                kwargs["residual"] = unit.residual
+            call = graph.call_module(unit.dw.target, (x,), kwargs)
+        last.replace_all_uses_with(call)
+        for node in reversed(unit.nodes()):
+            graph.erase_node(node)
+    for fold in folds:
+        with graph.inserting_before(fold.bn):
+            call = graph.call_module(fold.conv.target, fold.conv.args, {"bn": graph.get_attr(fold.bn.target)})
+        fold.bn.replace_all_uses_with(call)
+        graph.erase_node(fold.bn)
+        graph.erase_node(fold.conv)
+    for node in graph.nodes:
+        node.meta = {}
     graph.lint()
-    rewritten = fx.GraphModule(root, graph, class_name=type(root).__name__)
-    # The block keeps its class, children and state_dict; only its forward becomes the rewritten graph,
-    # whose submodules are the block's own.
-    root.forward = rewritten.forward
+
+
+def _set_training(module, modes):
+    for m in module.modules():
+        m.training = modes if isinstance(modes, bool) else modes[m]
+
+
+def _owner(unit_nodes):
+    """The deepest inlined module whose forward ran all the nodes ('' for the traced module)."""
+    paths = [n.meta.get("fuse_owners", ()) for n in unit_nodes]
+    common = []
+    for level in zip(*paths):
+        if any(p != level[0] for p in level):
+            break
+        common.append(level[0])
+    return common[-1] if common else "", {p for path in paths for p in path[len(common):]}
+
+
+def _analyse(model, has_conv):
+    """Phase 1: trace the model from the top (and, where fx cannot, its parts), match, and give
+    each unit and fold the module that owns it.
+
+    Returns (claims, refusals, untraced): claims maps an owner's name to the names of the depthwise
+    convs and folded convs it rewrites; refusals and untraced map conv names to reasons."""
+    claims = collections.defaultdict(set)
+    paths = {}  # claim name -> (owner, inlined modules it passes through)
+    refusals, untraceable = {}, {}
+
+    def visit(prefix, module):
+        if not has_conv.get(id(module)) or isinstance(module, (nn.Conv2d, _BatchNorm, FusedBlock)):
+            return
+        try:
+            tracer, graph = _trace(module, has_conv)
+        except Exception as error:  # noqa: BLE001 - then its parts are traced
+            untraceable[prefix] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            for name, child in module.named_children():
+                visit(_join(prefix, name), child)
+            return
+        modules = dict(module.named_modules())
+        units, folds, why = _match(graph, modules, tracer.calls)
+        for name, reason in why.items():
+            refusals[_join(prefix, name)] = reason
+        for name, claim in list(units.items()) + list(folds.items()):
+            owner, through = _owner(claim.nodes())
+            paths[_join(prefix, name)] = (_join(prefix, owner), {_join(prefix, p) for p in through})
+        for name, failure in tracer.untraceable.items():
+            untraceable[_join(prefix, name)] = failure
+            visit(_join(prefix, name), module.get_submodule(name))
+
+    visit("", model)
+    # A unit owned by a block may pass through a child that owns other units: that child's forward is
+    # bypassed by the block's rewritten one, so the block takes over the child's claims.
+    owner_of = {name: owner for name, (owner, _) in paths.items()}
+    changed = True
+    while changed:
+        changed = False
+        owners = set(owner_of.values())
+        for name, (_, through) in paths.items():
+            for child in through & owners:
+                for other, owner in owner_of.items():
+                    if owner == child:
+                        owner_of[other] = owner_of[name]
+                        changed = True
+    for name, owner in owner_of.items():
+        claims[owner].add(name)
+    return claims, refusals, untraceable
+
+
+def _fuse_owner(model, owner_name, names, backend):
+    """Phase 2: rewrite one owner's forward. Returns (fused units, folds, refusals) by absolute name."""
+    owner = model.get_submodule(owner_name) if owner_name else model
+    has_conv = _conv_holders(owner)
+    relative = {n[len(owner_name) + 1:] if owner_name else n for n in names}
+    modes = {m: m.training for m in owner.modules()}
+    traced = []
+    try:
+        for mode in (False, True):
+            _set_training(owner, mode)
+            tracer, graph = _trace(owner, has_conv)
+            traced.append((tracer, graph, graph.python_code(root_module="self").src))
+    except Exception as error:  # noqa: BLE001
+        return {}, {}, {n: f"{owner_name or 'the model'}'s forward could not be traced again: {error}" for n in names}
+    finally:
+        _set_training(owner, modes)
+    modules = dict(owner.named_modules())
+    if traced[0][2] == traced[1][2]:
+        traced = traced[:1]
+    # Where the graphs of the two modes differ, each is rewritten with its own matches: a fused conv
+    # that one graph calls alone is the conv it was, so the graphs need not agree on a unit.
+    matches = [_match(graph, modules, tracer.calls, only=relative) for tracer, graph, _ in traced]
+    units, folds, refusals = matches[0]
+    if len(matches) == 2:
+        train_units, train_folds, train_refusals = matches[1]
+        units = {**train_units, **units}
+        folds = {**train_folds, **folds}
+        refusals = {n: r for n, r in {**train_refusals, **refusals}.items() if n not in units and n not in folds}
+        for _, graph_folds, _ in matches:
+            for name in set(graph_folds) & set(units):
+                del graph_folds[name]  # a conv heads a unit or has a fold, in both graphs
+        folds = {n: f for n, f in folds.items() if n not in units}
+    for name in relative - set(units) - set(folds) - set(refusals):
+        if _is_depthwise(modules[name]):
+            refusals[name] = f"it was not found again in the trace of {owner_name or 'the model'} alone"
+    if not units and not folds:
+        return {}, {}, {_join(owner_name, n): r for n, r in refusals.items()}
+    forms = {name: (_unit_form(unit, modules), unit.add is not None) for name, unit in units.items()}
+    graphs = []
+    for (_, graph, _), (u, f, _) in zip(traced, matches):
+        _rewrite(graph, list(u.values()), list(f.values()), modules)
+        graphs.append(graph)
+    for name, unit in units.items():
+        conv = modules[name]
+        padding = _dw_padding(conv)[0]
+        conv_class = type(conv)
+        conv.__class__ = FusedSeparableConv2d
+        conv._adopt_unit(conv_class, backend, padding)
+    for name in folds:
+        conv = modules[name]
+        conv_class = type(conv)
+        conv.__class__ = FusedConv2dBN
+        conv._adopt(conv_class, backend)
+    if not isinstance(owner, FusedBlock):
+        owner.__class__ = _fused_class(type(owner))
+    owner._fused_graphs = (graphs[0], graphs[-1])
+    owner._compile_fused()
+    return ({_join(owner_name, n): form for n, form in forms.items()}, [_join(owner_name, n) for n in folds],
+            {_join(owner_name, n): r for n, r in refusals.items()})
 
 
 def fuse(model, backend="auto"):
-    """Replace every separable unit of ``model`` by a :class:`FusedSeparableConvBN`, in place.
+    """Fuse every depthwise-separable unit of ``model`` into the op, in place; fold BatchNorm into
+    every other conv followed by one. Returns ``(model, report)`` (:class:`FuseReport`).
 
-    Works on :class:`xception_fast.Xception` (all 34 units; the middle flow's residual adds and the
-    leading ReLUs taken into the kernel), on timm's ``legacy_xception`` and on any model with the
-    chain; every other module is left as it was. Returns ``(model, report)``.
+    A unit is fused only where the fused model computes what the model did, in both train and eval
+    mode; any other unit stays as it was and the report says why. See the module's docstring for
+    what is matched and what the fused model is made of.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: model must be an nn.Module, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"fuse: backend must be one of {BACKENDS}, got {backend!r}")
-    names, with_residual = [], []
-    for qualname, module in list(model.named_modules()):
-        if isinstance(module, (FusedSeparableConvBN, _FusedAway)) or _is_conv_pair(module):
+    has_conv = _conv_holders(model)
+    claims, refusals, untraceable = _analyse(model, has_conv)
+    fused, folded = {}, []
+    # Deepest owners first: a fused block is a leaf of its parent's trace, so the parent calls its
+    # fused forward.
+    for owner in sorted(claims, key=lambda n: (-(n.count(".") + 1 if n else 0), n)):
+        forms, folds, why = _fuse_owner(model, owner, claims[owner], backend)
+        fused.update(forms)
+        folded += folds
+        refusals.update(why)
+    blocks = {name: owner for owner, names in claims.items() for name in names}
+    units = []
+    for name, m in model.named_modules():
+        if not _is_depthwise(m):
             continue
-        try:
-            graph = _UnitTracer(module).trace(module)
-        except Exception:  # noqa: BLE001 - a forward fx cannot trace is searched through its children instead
-            continue
-        modules = dict(module.named_modules())
-        units = _find_units(graph, modules)
-        if not units:
-            continue
-        prefix = f"{qualname}." if qualname else ""
-        names += _fuse_units(module, units, backend, prefix)
-        residual_units = [u for u in units if u.residual is not None]
-        if residual_units and module is not model:
-            _take_residuals_into_kernel(module, graph, residual_units)
-            with_residual += [prefix + u.dw.target for u in residual_units]
-    return model, FuseReport(names, with_residual)
+        if name in fused:
+            form, residual = fused[name]
+            units.append(UnitReport(name, True, form, blocks.get(name, ""), residual))
+        elif isinstance(m, FusedSeparableConv2d):
+            units.append(UnitReport(name, True, "fused by an earlier fuse()", ""))
+        else:
+            why = refusals.get(name) or _untraced_reason(name, untraceable)
+            if name in folded:
+                why += "; its BatchNorm is folded into it"
+            units.append(UnitReport(name, False, why))
+    return model, FuseReport(units, sorted(folded))
+
+
+def _untraced_reason(name, untraceable):
+    for prefix, failure in sorted(untraceable.items(), key=lambda item: -len(item[0])):
+        if prefix and name.startswith(prefix + "."):
+            return f"inside {prefix}, whose forward torch.fx cannot trace ({failure})"
+    return "no traced forward calls it as a module"

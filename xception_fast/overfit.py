@@ -146,9 +146,8 @@ def run(epochs=8, batch_size=10, size=71, seed=0, device="cpu", backend="auto", 
     plot written there. ``log`` takes the progress lines (each epoch's mean losses and largest gap).
 
     The losses agree to rounding at step 1 only. The gradients of that step already differ by more
-    (up to ~2e-3 relative in some tensors, measured): where rounding puts a pre-activation on the
-    other side of zero or breaks a max-pool tie, the two models take different ReLU / argmax
-    decisions. So the weights move apart and the curves drift as any two fp32 runs of this network
+    in some tensors (README, Training): where rounding puts a pre-activation on the other side of
+    zero or breaks a max-pool tie, the two models take different ReLU / argmax decisions. So the weights move apart and the curves drift as any two fp32 runs of this network
     in different summation orders do (an eager channels_last copy drifts as far from eager).
     """
     from .fusion import fuse
@@ -172,7 +171,7 @@ def run(epochs=8, batch_size=10, size=71, seed=0, device="cpu", backend="auto", 
                  for name, optimizer in optimizers.items()}
     losses = {name: [] for name in models}
     shuffle = torch.Generator().manual_seed(seed)
-    log(f"{len(x)} samples of {len(names)} classes ({', '.join(names)}), {size}x{size}; {report}; "
+    log(f"{len(x)} samples of {len(names)} classes ({', '.join(names)}), {size}x{size}; {report.summary}; "
         f"backend={backend!r}, device={device}")
     if device.type == "cuda":
         log(f"fp32 convolutions on CUDA use TF32: {torch.backends.cudnn.allow_tf32} "
@@ -211,7 +210,7 @@ def run(epochs=8, batch_size=10, size=71, seed=0, device="cpu", backend="auto", 
         "steps_per_epoch": steps_per_epoch,
         "classes": names,
         "samples": len(x),
-        "fuse_report": str(report),
+        "fuse_report": report.summary,
         "seconds": seconds,
         "plot": None,
     }

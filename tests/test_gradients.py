@@ -1,0 +1,99 @@
+"""Autograd through the fused unit (xception_fast.registration), on every backend: gradcheck in
+float64 over the options, gradients against eager's under the exactness rule, and what the
+forward keeps for the backward."""
+import pytest
+import torch
+
+from backends import ALL, CPU, KERNELS
+from exactness import TENSOR_NAMES, Unit, assert_exact, eager, make_inputs, op_args
+
+# The options gradcheck walks: every activation in each slot, stride, dilation, kernel size.
+GRADCHECK_UNITS = [
+    (3, Unit(act_in="relu")),
+    (3, Unit(act_in="identity", act_mid="relu6", act_out="relu")),
+    (3, Unit(act_in="hardswish", act_mid="hardswish", act_out="hardswish")),
+    (5, Unit(stride=2, act_in="relu6", act_mid="relu", act_out="relu6")),
+    (3, Unit(dilation=2, act_mid="relu", act_out="identity")),
+    (1, Unit(stride=2, act_in="identity")),
+]
+
+
+@pytest.mark.parametrize("k, unit", GRADCHECK_UNITS, ids=[f"k{k}-{u}" for k, u in GRADCHECK_UNITS])
+@pytest.mark.parametrize("residual", [False, True])
+def test_gradcheck_float64(k, unit, residual):
+    tensors, unit = make_inputs(2, 3, 4, 5, 6, k=k, unit=unit, dtype=torch.float64, dw_bias=True,
+                                residual=residual, seed=2)
+    # x away from ReLU's kink, where a finite difference is not a derivative (the intermediate
+    # values are continuous random variables: one within eps of a kink is a measure-zero event).
+    tensors["x"] = tensors["x"] + 0.05 * torch.sign(tensors["x"])
+    leaves = {name: t.requires_grad_() for name, t in tensors.items() if t is not None}
+
+    def fn(*flat):
+        named = dict(zip(leaves, flat))
+        return CPU.op()(*op_args({n: named.get(n) for n in TENSOR_NAMES}, unit))
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves.values()), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def grads(fn, tensors, unit, seed=1):
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items() if v is not None}
+    out = fn({k: leaves.get(k) for k in TENSOR_NAMES}, unit)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    (out * weight).sum().backward()
+    return {k: v.grad for k, v in leaves.items()}
+
+
+def fused(backend):
+    import xception_fast
+
+    def fn(t, unit):
+        return xception_fast.sepconv(t["x"], t["dw_weight"], t["pw_weight"], t["pw_bias"], dw_bias=t["dw_bias"],
+                                     stride=unit.stride, padding=unit.padding, dilation=unit.dilation,
+                                     act_in=unit.act_in, act_mid=unit.act_mid, act_out=unit.act_out,
+                                     residual=t["residual"], backend=backend.name)
+    return fn
+
+
+GRADIENT_UNITS = [
+    (3, Unit(act_in="relu")),
+    (3, Unit(act_in="relu", act_out="relu")),
+    (5, Unit(stride=2, act_mid="relu6", act_out="relu6")),
+    (3, Unit(dilation=2, act_in="hardswish", act_mid="relu")),
+]
+
+
+@pytest.mark.parametrize("backend", ALL, ids=str)
+@pytest.mark.parametrize("k, unit", GRADIENT_UNITS, ids=[f"k{k}-{u}" for k, u in GRADIENT_UNITS])
+@pytest.mark.parametrize("residual", [False, True])
+def test_gradients_match_eager(backend, k, unit, residual):
+    for dtype in (d for d in backend.dtypes if d != torch.float64):
+        tensors, unit_ = make_inputs(3, 24, 16, 7, 6, k=k, unit=unit, dtype=dtype, device=backend.device,
+                                     layout="channels_last", dw_bias=True, residual=residual, seed=3)
+        reference = grads(eager, {k_: None if v is None else v.cpu().double() for k_, v in tensors.items()}, unit_)
+        eager_grads = grads(eager, tensors, unit_)
+        got = grads(fused(backend), tensors, unit_)
+        assert got.keys() == eager_grads.keys()
+        for name in got:
+            assert_exact(got[name], eager_grads[name], reference[name], f"grad of {name} ({dtype}, {unit_})")
+
+
+@pytest.mark.parametrize("backend", KERNELS, ids=str)
+def test_float32_weights_get_float32_gradients(backend):
+    tensors, unit = make_inputs(2, 8, 8, 5, 5, dtype=torch.bfloat16, device=backend.device, dw_bias=True, seed=4)
+    for name in ("dw_weight", "dw_bias", "pw_weight", "pw_bias"):
+        tensors[name] = tensors[name].float()
+    g = grads(fused(backend), tensors, Unit(act_in="relu", act_out="relu").resolved(3))
+    assert g["pw_weight"].dtype == g["dw_bias"].dtype == torch.float32 and g["x"].dtype == torch.bfloat16
+
+
+def test_only_inputs_are_saved_for_backward():
+    """The depthwise result is recomputed in backward, never kept (the activation-memory saving)."""
+    tensors, unit = make_inputs(2, 16, 32, 9, 9, dw_bias=True, residual=True, seed=5,
+                                unit=Unit(act_mid="relu", act_out="relu"))
+    leaves = {k: v.requires_grad_() for k, v in tensors.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused(CPU)(leaves, unit)
+    assert sorted(tuple(t.shape) for t in saved) == sorted(
+        tuple(leaves[k].shape) for k in ("x", "dw_weight", "dw_bias", "pw_weight", "pw_bias"))
+

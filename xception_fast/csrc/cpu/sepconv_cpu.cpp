@@ -1,0 +1,903 @@
+// The fused separable unit's CPU kernel, and its weight packing.
+//
+//   y = act_out(PW(act_mid(DW(act_in(x)) + dw_bias)) + pw_bias) + residual
+//
+// Two strategies for the pointwise product, chosen per unit when the weights are packed
+// (choose_strategy says which and why):
+//
+// - tiled: each thread takes tiles of output pixels (NHWC rows). A tile's depthwise result is
+//   computed into a buffer that stays in the core's cache, in the product's dtype, and multiplied by
+//   the packed pointwise weights with oneDNN's batch-reduce GEMM micro-kernel
+//   (at::native::cpublas::brgemm: AVX2, AVX-512 or AMX, picked at run time), one block of output
+//   channels at a time; bias, activation and residual are applied to each block while it is in
+//   L1, before its one store. The depthwise intermediate never goes to memory.
+// - materialized: the depthwise result of the whole batch goes to memory once, in x's dtype, and
+//   the product runs as one convolution over it: for bfloat16 oneDNN's 1x1 convolution with the
+//   weights reordered once into its blocked layout and bias, activation and residual as its
+//   post-ops (mkldnn::_convolution_pointwise, what torch.compile's CPU backend emits); otherwise
+//   ATen's convolution, eager's own, then the epilogue. oneDNN's cache blocking of one large
+//   product, for units whose arithmetic dwarfs the intermediate's bytes.
+//
+// Half-precision x: the depthwise result is rounded to x's dtype (where eager's separate depthwise
+// conv rounds it), the product multiplies in that dtype with fp32 accumulation, the epilogue is
+// fp32 and the output is rounded once. fp32 x multiplies in fp32, or in bf16 where PyTorch's
+// setting for oneDNN convolutions allows it (torch.backends.mkldnn.conv.fp32_precision = "bf16"),
+// as nn.Conv2d does.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "sepconv.h"
+
+namespace xception_fast {
+
+namespace {
+
+// ----------------------------------------------------------------------------------------------
+// Element conversions and vectors
+
+// Scalar bfloat16 <-> float, round to nearest even, NaN kept NaN (the channel tails).
+template <typename to_t, typename from_t>
+inline to_t elem_cast(from_t v) {
+  return static_cast<to_t>(v);
+}
+template <>
+inline float elem_cast<float, c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <>
+inline c10::BFloat16 elem_cast<c10::BFloat16, float>(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
+// The inner loops work on one vector of channels at a time: 64 bytes, one AVX-512 register or two
+// AVX2 ones.
+constexpr int kVectorBytes = 64;
+template <typename acc_t>
+constexpr int64_t kLanes = kVectorBytes / sizeof(acc_t);
+// GCC vector types (one per element type: the attribute cannot take a template parameter).
+template <typename acc_t>
+struct VectorOf;
+template <>
+struct VectorOf<float> {
+  using type = float __attribute__((vector_size(kVectorBytes)));
+};
+template <>
+struct VectorOf<double> {
+  using type = double __attribute__((vector_size(kVectorBytes)));
+};
+template <typename acc_t>
+using vec_of = typename VectorOf<acc_t>::type;
+using bits32_vec = uint32_t __attribute__((vector_size(kVectorBytes)));
+using mask32_vec = int32_t __attribute__((vector_size(kVectorBytes)));
+using bits16_vec = uint16_t __attribute__((vector_size(kVectorBytes / 2)));
+using half_vec = _Float16 __attribute__((vector_size(kVectorBytes / 2)));
+
+// Half-precision conversions of a whole vector as vector operations (element by element they
+// compile to scalar code, a branch per NaN check): bfloat16 by its bits, float16 through _Float16,
+// which the AVX2 and AVX-512 clones convert with F16C / AVX512-FP16 instructions.
+// bfloat16 -> float puts each 16-bit pattern in the high half of a 32-bit one: one interleave with
+// zeros (a single permute with AVX-512, where widening then shifting takes five instructions).
+inline __attribute__((always_inline)) vec_of<float> widen_bf16(const c10::BFloat16* src) {
+  using bits16x32_vec = uint16_t __attribute__((vector_size(kVectorBytes)));
+  bits16_vec h;
+  std::memcpy(&h, src, sizeof(h));
+  const bits16_vec zero = {};
+  const bits16x32_vec interleaved = __builtin_shufflevector(zero, h, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22,
+                                                            7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14,
+                                                            30, 15, 31);
+  vec_of<float> v;
+  std::memcpy(&v, &interleaved, sizeof(v));
+  return v;
+}
+inline __attribute__((always_inline)) bits16_vec bf16_bits(const vec_of<float>& v) {
+  bits32_vec bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const bits32_vec rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const mask32_vec nan = v != v;
+  return __builtin_convertvector(nan ? bits32_vec{} + 0x7FC0u : rounded, bits16_vec);
+}
+inline __attribute__((always_inline)) vec_of<float> widen_half(const c10::Half* src) {
+  half_vec h;
+  std::memcpy(&h, src, sizeof(h));
+  return __builtin_convertvector(h, vec_of<float>);
+}
+
+template <typename acc_t, typename scalar_t>
+inline __attribute__((always_inline)) vec_of<acc_t> load_vector(const scalar_t* src) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return widen_bf16(src);
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return widen_half(src);
+  } else {
+    static_assert(std::is_same_v<scalar_t, acc_t>, "no such conversion");
+    vec_of<acc_t> v;
+    std::memcpy(&v, src, sizeof(v));
+    return v;
+  }
+}
+
+template <typename dst_t, typename acc_t>
+inline __attribute__((always_inline)) void store_vector(dst_t* dst, const vec_of<acc_t>& v) {
+  if constexpr (std::is_same_v<dst_t, c10::BFloat16>) {
+    const bits16_vec h = bf16_bits(v);
+    std::memcpy(dst, &h, sizeof(h));
+  } else if constexpr (std::is_same_v<dst_t, c10::Half>) {
+    const half_vec h = __builtin_convertvector(v, half_vec);
+    std::memcpy(dst, &h, sizeof(h));
+  } else {
+    static_assert(std::is_same_v<dst_t, acc_t>, "no such conversion");
+    std::memcpy(dst, &v, sizeof(v));
+  }
+}
+
+// v rounded to `dtype` and back: the depthwise result of half-precision x, multiplied in fp32 where
+// the CPU has no half-precision product (the same products, exactly, as a bf16 x bf16 -> fp32 one).
+inline __attribute__((always_inline)) vec_of<float> round_to(const vec_of<float>& v, at::ScalarType dtype) {
+  if (dtype == at::kBFloat16) {
+    const bits32_vec bits = __builtin_convertvector(bf16_bits(v), bits32_vec) << 16;
+    vec_of<float> r;
+    std::memcpy(&r, &bits, sizeof(r));
+    return r;
+  }
+  if (dtype == at::kHalf) return __builtin_convertvector(__builtin_convertvector(v, half_vec), vec_of<float>);
+  return v;
+}
+inline float round_to(float v, at::ScalarType dtype) {
+  if (dtype == at::kBFloat16) return elem_cast<float>(elem_cast<c10::BFloat16>(v));
+  if (dtype == at::kHalf) return static_cast<float>(static_cast<c10::Half>(v));
+  return v;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Activations: identity, ReLU and ReLU6 are a clamp to [lo, hi] written so that NaN stays NaN (as
+// torch's), Hardswish is v * clamp(v + 3, 0, 6) / 6.
+
+template <typename acc_t>
+struct Activation {
+  bool hardswish = false;
+  acc_t lo = -std::numeric_limits<acc_t>::infinity();
+  acc_t hi = std::numeric_limits<acc_t>::infinity();
+
+  explicit Activation(Act act) {
+    hardswish = act == Act::kHardswish;
+    if (act == Act::kRelu || act == Act::kRelu6) lo = 0;
+    if (act == Act::kRelu6) hi = 6;
+  }
+
+  template <typename V>
+  static inline __attribute__((always_inline)) V hardswish_of(V v) {
+    V g = v + acc_t(3);
+    g = g < acc_t(0) ? acc_t(0) : g;
+    g = g > acc_t(6) ? acc_t(6) : g;
+    return v * g * (acc_t(1) / acc_t(6));
+  }
+
+  template <typename V>
+  inline __attribute__((always_inline)) V clamp(V v) const {
+    v = v < lo ? lo : v;
+    return v > hi ? hi : v;
+  }
+
+  template <typename V>
+  inline __attribute__((always_inline)) V operator()(V v) const {
+    return hardswish ? hardswish_of(v) : clamp(v);
+  }
+};
+
+// The activation on x as a compile-time kind: it runs on every tap's load, k * k times per input
+// element, where a clamp that does nothing still costs a vector operation.
+enum class InAct { kNone, kRelu, kRelu6, kHardswish };
+
+InAct in_act_kind(Act act) {
+  switch (act) {
+    case Act::kRelu:
+      return InAct::kRelu;
+    case Act::kRelu6:
+      return InAct::kRelu6;
+    case Act::kHardswish:
+      return InAct::kHardswish;
+    default:
+      return InAct::kNone;
+  }
+}
+
+template <InAct IA, typename acc_t, typename V>
+inline __attribute__((always_inline)) V apply_in_act(V v) {
+  if constexpr (IA == InAct::kRelu || IA == InAct::kRelu6) v = v < acc_t(0) ? acc_t(0) : v;
+  if constexpr (IA == InAct::kRelu6) v = v > acc_t(6) ? acc_t(6) : v;
+  if constexpr (IA == InAct::kHardswish) v = Activation<acc_t>::hardswish_of(v);
+  return v;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Depthwise
+
+template <typename scalar_t, typename acc_t>
+struct DepthwiseArgs {
+  const scalar_t* x;       // NHWC [N][H][W][C]
+  const acc_t* taps;       // [k * k][C]
+  const acc_t* bias;       // [C]
+  int64_t N, C, H, W, Ho, Wo, k, stride, padding, dilation;
+  Activation<acc_t> act_in, act_mid;
+  at::ScalarType round_dtype;  // the depthwise result is rounded to this dtype (float: not rounded)
+};
+
+// Output pixels [p_begin, p_end) (flat NHWC indices of the output) into dst[p - p_begin][0, C),
+// row stride ld_dst; the columns [C, ld_dst) are not touched. The pixels go one output row at a
+// time: the taps' input rows that exist are found once per row (the others, padding, add
+// nothing), and the row's interior columns, whose windows lie inside x, run in groups of kGroup
+// pixels whose inputs are fixed strides apart, with no per-pixel bookkeeping; only the few border
+// columns check each tap. Within a group the pixels walk the channels together, one vector at a
+// time: every input row is read in order (what the hardware prefetchers follow), and each tap's
+// vector, loaded once from L1, serves the whole group.
+template <typename scalar_t, typename dst_t, typename acc_t, int KS, InAct IA>
+inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseArgs<scalar_t, acc_t>& a,
+                                                                int64_t p_begin, int64_t p_end,
+                                                                dst_t* __restrict__ dst, int64_t ld_dst) {
+  using vec_t = vec_of<acc_t>;
+  constexpr int64_t lanes = kLanes<acc_t>;
+  constexpr int64_t kGroup = 4;
+  constexpr int64_t kMaxK = 7;
+  const int64_t k = KS > 0 ? KS : a.k;
+  const int64_t C = a.C, W = a.W, stride = a.stride, pad = a.padding, dil = a.dilation;
+  // Locals, so that the compiler keeps them in registers across the stores to dst.
+  const Activation<acc_t> mid = a.act_mid;
+  const bool round = std::is_same_v<dst_t, float> && a.round_dtype != c10::CppTypeToScalarType<acc_t>::value;
+  const at::ScalarType round_dtype = a.round_dtype;
+  const acc_t* __restrict__ taps = a.taps;
+  const acc_t* __restrict__ dw_bias = a.bias;
+  // The lambdas are inlined by force: out of line they would be compiled outside the entry point's
+  // AVX-512 / AVX2 clones, for the baseline instruction set.
+  auto finish = [&](auto v) __attribute__((always_inline)) {
+    v = mid(v);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (round) v = round_to(v, round_dtype);
+    }
+    return v;
+  };
+  // The output columns whose window lies inside x: ow * stride - pad >= 0 and
+  // ow * stride - pad + (k - 1) * dil <= W - 1.
+  const int64_t interior_first = (pad + stride - 1) / stride;
+  const int64_t last_start = W - 1 - (k - 1) * dil + pad;
+  const int64_t interior_last = last_start >= 0 ? last_start / stride : -1;
+
+  const scalar_t* in_rows[kMaxK];  // this output row's input rows that exist
+  int64_t tap_rows[kMaxK];          // their kh
+  int64_t rows = 0;
+
+  // Pixels [ow, ow + G) of the current output row, all interior, into out.
+  auto interior = [&](auto group_size, int64_t ow, dst_t* __restrict__ out) __attribute__((always_inline)) {
+    constexpr int64_t G = decltype(group_size)::value;
+    const int64_t column = (ow * stride - pad) * C, pixel_step = stride * C, tap_step = dil * C;
+    int64_t c0 = 0;
+    for (; c0 + lanes <= C; c0 += lanes) {
+      vec_t acc[G] = {};
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* __restrict__ base = in_rows[r] + column + c0;
+        const acc_t* __restrict__ tap_row = taps + tap_rows[r] * k * C + c0;
+#pragma GCC unroll 7
+        for (int64_t kw = 0; kw < k; ++kw) {
+          const vec_t tap = load_vector<acc_t>(tap_row + kw * C);
+#pragma GCC unroll 4
+          for (int64_t g = 0; g < G; ++g) {
+            acc[g] += apply_in_act<IA, acc_t>(load_vector<acc_t>(base + kw * tap_step + g * pixel_step)) * tap;
+          }
+        }
+      }
+      const vec_t bias = load_vector<acc_t>(dw_bias + c0);
+#pragma GCC unroll 4
+      for (int64_t g = 0; g < G; ++g) store_vector<dst_t, acc_t>(out + g * ld_dst + c0, finish(acc[g] + bias));
+    }
+    for (; c0 < C; ++c0) {
+      for (int64_t g = 0; g < G; ++g) {
+        acc_t acc = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t kw = 0; kw < k; ++kw) {
+            acc += apply_in_act<IA, acc_t>(elem_cast<acc_t>(in_rows[r][column + kw * tap_step + g * pixel_step + c0])) *
+                   taps[(tap_rows[r] * k + kw) * C + c0];
+          }
+        }
+        out[g * ld_dst + c0] = elem_cast<dst_t>(finish(acc + dw_bias[c0]));
+      }
+    }
+  };
+  // One pixel near the left or right edge: each tap checks its column.
+  auto border = [&](int64_t ow, dst_t* __restrict__ out) __attribute__((always_inline)) {
+    const int64_t iw0 = ow * stride - pad;
+    int64_t c0 = 0;
+    for (; c0 + lanes <= C; c0 += lanes) {
+      vec_t acc = {};
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t kw = 0; kw < k; ++kw) {
+          const int64_t iw = iw0 + kw * dil;
+          if (iw < 0 || iw >= W) continue;
+          acc += apply_in_act<IA, acc_t>(load_vector<acc_t>(in_rows[r] + iw * C + c0)) *
+                 load_vector<acc_t>(taps + (tap_rows[r] * k + kw) * C + c0);
+        }
+      }
+      store_vector<dst_t, acc_t>(out + c0, finish(acc + load_vector<acc_t>(dw_bias + c0)));
+    }
+    for (; c0 < C; ++c0) {
+      acc_t acc = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t kw = 0; kw < k; ++kw) {
+          const int64_t iw = iw0 + kw * dil;
+          if (iw < 0 || iw >= W) continue;
+          acc += apply_in_act<IA, acc_t>(elem_cast<acc_t>(in_rows[r][iw * C + c0])) * taps[(tap_rows[r] * k + kw) * C + c0];
+        }
+      }
+      out[c0] = elem_cast<dst_t>(finish(acc + dw_bias[c0]));
+    }
+  };
+
+  for (int64_t p = p_begin; p < p_end;) {
+    const int64_t ow_begin = p % a.Wo, oh = (p / a.Wo) % a.Ho, n = p / (a.Wo * a.Ho);
+    const int64_t count = std::min(p_end - p, a.Wo - ow_begin);  // pixels left in this output row
+    rows = 0;
+    for (int64_t kh = 0; kh < k; ++kh) {
+      const int64_t ih = oh * stride - pad + kh * dil;
+      if (ih < 0 || ih >= a.H) continue;
+      in_rows[rows] = a.x + (n * a.H + ih) * W * C;
+      tap_rows[rows++] = kh;
+    }
+    dst_t* row_dst = dst + (p - p_begin) * ld_dst - ow_begin * ld_dst;  // where column 0 would go
+    const int64_t ow_end = ow_begin + count;
+    for (int64_t ow = ow_begin; ow < ow_end;) {
+      if (ow < interior_first || ow > interior_last) {
+        border(ow, row_dst + ow * ld_dst);
+        ++ow;
+        continue;
+      }
+      const int64_t run_end = std::min(ow_end, interior_last + 1);
+      for (; ow + kGroup <= run_end; ow += kGroup) {
+        interior(std::integral_constant<int64_t, kGroup>{}, ow, row_dst + ow * ld_dst);
+      }
+      for (; ow < run_end; ++ow) interior(std::integral_constant<int64_t, 1>{}, ow, row_dst + ow * ld_dst);
+    }
+    p += count;
+  }
+}
+
+// One non-template entry point per (x dtype, destination dtype), so that the compiler builds
+// AVX-512 and AVX2 clones of the channel loops and picks one at load time; the portable build
+// still runs everywhere.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define XF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define XF_CPU_CLONES
+#endif
+
+// (x dtype, depthwise destination dtype, accumulator dtype): every combination the strategies
+// below write, the destination being the product's operand dtype.
+#define XF_FOR_EACH_DEPTHWISE(X)                                                                           \
+  X(float, float, float) X(float, c10::BFloat16, float) X(double, double, double) X(c10::BFloat16, float, float) \
+  X(c10::BFloat16, c10::BFloat16, float) X(c10::Half, float, float) X(c10::Half, c10::Half, float)
+
+template <typename scalar_t, typename dst_t, typename acc_t, InAct IA>
+inline __attribute__((always_inline)) void depthwise_rows_for_act(const DepthwiseArgs<scalar_t, acc_t>& a,
+                                                                   int64_t p_begin, int64_t p_end, dst_t* dst,
+                                                                   int64_t ld_dst) {
+  if (a.k == 3) {
+    depthwise_rows_impl<scalar_t, dst_t, acc_t, 3, IA>(a, p_begin, p_end, dst, ld_dst);
+  } else {
+    depthwise_rows_impl<scalar_t, dst_t, acc_t, 0, IA>(a, p_begin, p_end, dst, ld_dst);
+  }
+}
+
+#define XF_DEPTHWISE_ROWS(scalar_t, dst_t, acc_t)                                                          \
+  XF_CPU_CLONES void depthwise_rows(const DepthwiseArgs<scalar_t, acc_t>& a, InAct in_act, int64_t p_begin, \
+                                    int64_t p_end, dst_t* dst, int64_t ld_dst) {                          \
+    switch (in_act) {                                                                                     \
+      case InAct::kNone:                                                                                  \
+        return depthwise_rows_for_act<scalar_t, dst_t, acc_t, InAct::kNone>(a, p_begin, p_end, dst, ld_dst); \
+      case InAct::kRelu:                                                                                  \
+        return depthwise_rows_for_act<scalar_t, dst_t, acc_t, InAct::kRelu>(a, p_begin, p_end, dst, ld_dst); \
+      case InAct::kRelu6:                                                                                 \
+        return depthwise_rows_for_act<scalar_t, dst_t, acc_t, InAct::kRelu6>(a, p_begin, p_end, dst, ld_dst); \
+      case InAct::kHardswish:                                                                             \
+        return depthwise_rows_for_act<scalar_t, dst_t, acc_t, InAct::kHardswish>(a, p_begin, p_end, dst,   \
+                                                                                 ld_dst);                 \
+    }                                                                                                     \
+  }
+XF_FOR_EACH_DEPTHWISE(XF_DEPTHWISE_ROWS)
+#undef XF_DEPTHWISE_ROWS
+
+// ----------------------------------------------------------------------------------------------
+// Epilogue: out = act_out(y + bias) + residual, in fp32, rounded once to the output's dtype.
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) void epilogue_rows_impl(const float* __restrict__ y, int64_t ld_y,
+                                                               int64_t rows, int64_t cols,
+                                                               const float* __restrict__ bias, Act act_out,
+                                                               const scalar_t* __restrict__ residual,
+                                                               scalar_t* __restrict__ out, int64_t ld_out) {
+  using vec_t = vec_of<float>;
+  constexpr int64_t lanes = kLanes<float>;
+  const Activation<float> act(act_out);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* yr = y + r * ld_y;
+    scalar_t* o = out + r * ld_out;
+    const scalar_t* res = residual ? residual + r * ld_out : nullptr;
+    int64_t j = 0;
+    for (; j + lanes <= cols; j += lanes) {
+      vec_t v = load_vector<float>(yr + j);
+      if (bias) v += load_vector<float>(bias + j);
+      v = act(v);
+      if (res) v += load_vector<float>(res + j);
+      store_vector<scalar_t, float>(o + j, v);
+    }
+    for (; j < cols; ++j) {
+      float v = yr[j] + (bias ? bias[j] : 0.0f);
+      v = act(v);
+      if (res) v += elem_cast<float>(res[j]);
+      o[j] = elem_cast<scalar_t>(v);
+    }
+  }
+}
+
+XF_CPU_CLONES void add_rows(const float* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+#define XF_FOR_EACH_OUTPUT(X) X(float) X(c10::BFloat16) X(c10::Half)
+#define XF_EPILOGUE_ROWS(scalar_t)                                                                         \
+  XF_CPU_CLONES void epilogue_rows(const float* y, int64_t ld_y, int64_t rows, int64_t cols, const float* bias, \
+                                   Act act_out, const scalar_t* residual, scalar_t* out, int64_t ld_out) {     \
+    epilogue_rows_impl<scalar_t>(y, ld_y, rows, cols, bias, act_out, residual, out, ld_out);                  \
+  }
+XF_FOR_EACH_OUTPUT(XF_EPILOGUE_ROWS)
+#undef XF_EPILOGUE_ROWS
+
+// ----------------------------------------------------------------------------------------------
+// Packed weights
+
+enum Strategy : int64_t { kTiled = 0, kMaterialized = 1 };
+
+// Header fields past the shared ones (sepconv.h).
+enum CpuHeaderField : int64_t {
+  kBlockWidth = kHeaderLength,  // tiled: output channels per product block
+  kDepth,                       // tiled: K, the product's depth (C, rounded up to the VNNI pairs)
+  kSumDepth,                    // tiled: K per chunk of the blocked sum (see run_tiled)
+  kCpuHeaderLength
+};
+// [header, taps [k*k][C], dw_bias [C], pointwise (strategy's layout), pw_bias [Cout or blocks]]
+constexpr int64_t kCpuPackedLength = 5;
+
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+constexpr bool kHasBrgemm = true;
+#else
+constexpr bool kHasBrgemm = false;
+#endif
+
+// Whether fp32 convolutions may multiply in bf16, as PyTorch's own oneDNN convolutions follow it.
+bool fp32_convs_may_use_bf16() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  return at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::CONV) ==
+         at::Float32Precision::BF16;
+#else
+  return false;
+#endif
+}
+
+// Whether the CPU multiplies `dtype` operands natively in brgemm (a VNNI-packed B: AMX here).
+bool brgemm_multiplies(at::ScalarType dtype) {
+  if (!kHasBrgemm) return false;
+  if (dtype == at::kFloat) return true;
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && at::native::cpublas::could_pack(dtype);
+}
+
+// The dtype in which the pointwise product of x of `dtype` multiplies, as eager's convolution would.
+at::ScalarType product_dtype_for(at::ScalarType dtype) {
+  if (dtype == at::kFloat && fp32_convs_may_use_bf16()) return at::kBFloat16;
+  return dtype;
+}
+
+// The strategy for a unit (see the top of the file). The materialized product writes and reads
+// the depthwise result (C values per pixel) that the tiled product never stores; the tiled one runs
+// brgemm per tile of pixels and block of output channels, with the epilogue between the calls,
+// where oneDNN's convolution blocks one large product with its epilogue inside its kernel. Where
+// the unit's output is narrow (at most one brgemm block, kNarrowOutput channels) and its
+// depthwise result at least twice as wide (the inverted-residual projections of MobileNet and
+// EfficientNet), the intermediate is most of the unit's memory traffic and the product too short
+// for the library's blocking to matter: tiled. Everywhere else oneDNN's own convolution, with all
+// of its cache blocking: materialized. In half precision the intermediate has half the bytes and
+// brgemm's fp32 output has to be converted per block, so materialized throughout.
+constexpr int64_t kNarrowOutput = 64;
+
+Strategy choose_strategy(int64_t C, int64_t Cout, at::ScalarType x_dtype, at::ScalarType product_dtype) {
+  if (!kHasBrgemm || x_dtype == at::kDouble || product_dtype != at::kFloat) return kMaterialized;
+  return Cout <= kNarrowOutput && C >= 2 * Cout ? kTiled : kMaterialized;
+}
+
+Strategy parse_strategy(c10::string_view name, int64_t C, int64_t Cout, at::ScalarType x_dtype,
+                        at::ScalarType product_dtype) {
+  if (name == "auto") return choose_strategy(C, Cout, x_dtype, product_dtype);
+  if (name == "tiled") {
+    TORCH_CHECK_VALUE(kHasBrgemm && x_dtype != at::kDouble,
+                      "pack_cpu: strategy 'tiled' needs cpublas::brgemm (torch built with oneDNN) and x of "
+                      "float32, bfloat16 or float16, got ", x_dtype);
+    return kTiled;
+  }
+  TORCH_CHECK_VALUE(name == "materialized", "pack_cpu: strategy must be 'auto', 'tiled' or 'materialized', got '",
+                    std::string(name), "'");
+  return kMaterialized;
+}
+
+// The chunk of K whose fp32 partial sums the tiled product adds up (run_tiled).
+constexpr int64_t kFp32SumDepth = 64;
+
+int64_t block_width_for(int64_t Cout) {
+  // brgemm's block of output channels: 64 wide (the widest cpublas::pack takes), narrower (a whole
+  // number of vectors) for units with fewer output channels, so that little of the block is
+  // padding.
+  return std::min<int64_t>(64, (Cout + 15) / 16 * 16);
+}
+
+// The dtype the tiled product's operands are stored in: the product dtype where brgemm multiplies
+// it, else fp32 (holding values rounded to the product dtype).
+at::ScalarType tiled_operand_dtype(at::ScalarType product_dtype) {
+  return brgemm_multiplies(product_dtype) ? product_dtype : at::kFloat;
+}
+
+// Whether the materialized product runs as oneDNN's pointwise convolution with the prepacked weights
+// and post-ops: for half-precision x, where the output's rounding dwarfs the order of the fp32
+// sums. fp32 and fp64 x take ATen's convolution, eager's own, whose sums (its algorithm is chosen
+// per shape) the exactness rule compares with.
+bool materialized_in_onednn(at::ScalarType dtype) {
+  return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() && dtype == at::kBFloat16;
+}
+
+// The oneDNN-prepacked weight (what torch.compile's CPU backend emits), or the plain weight where
+// oneDNN is not available.
+// oneDNN picks its convolution's weight layout per problem shape: weights reordered for another
+// input size are reordered again on every call (by oneDNN's reference reorder where the layouts
+// are blocked differently, at many times the convolution's own cost). So the reorder takes the
+// input size the weights are packed for, and without one the weights stay plain (oneDNN then
+// reorders them per call, with its fast reorders).
+at::Tensor reorder_for_onednn(const at::Tensor& w, at::IntArrayRef input_size) {
+  static const auto reorder = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("mkldnn::_reorder_convolution_weight", "")
+                                  .typed<at::Tensor(const at::Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef,
+                                                    c10::SymIntArrayRef, c10::SymInt, at::OptionalSymIntArrayRef)>();
+  const std::vector<c10::SymInt> zeros{0, 0}, ones{1, 1};
+  const std::vector<c10::SymInt> size(input_size.begin(), input_size.end());
+  return reorder.call(w, zeros, ones, ones, 1, c10::SymIntArrayRef(size));
+}
+
+std::vector<at::Tensor> pack_cpu_impl(const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
+                                      const at::Tensor& pw_weight, const std::optional<at::Tensor>& pw_bias,
+                                      at::ScalarType x_dtype, c10::string_view strategy_name,
+                                      at::OptionalIntArrayRef input_size) {
+  TORCH_CHECK_VALUE(dw_weight.dim() == 4 && dw_weight.size(1) == 1 && dw_weight.size(2) == dw_weight.size(3),
+                    "pack_cpu: dw_weight must be a depthwise kernel of shape [C, 1, k, k], got ", dw_weight.sizes());
+  TORCH_CHECK_VALUE(pw_weight.dim() == 4 && pw_weight.size(1) == dw_weight.size(0) && pw_weight.size(2) == 1 &&
+                        pw_weight.size(3) == 1,
+                    "pack_cpu: pw_weight must be a pointwise kernel of shape [Cout, C, 1, 1] with C = ",
+                    dw_weight.size(0), ", got ", pw_weight.sizes());
+  TORCH_CHECK_VALUE(x_dtype == at::kFloat || x_dtype == at::kBFloat16 || x_dtype == at::kHalf ||
+                        x_dtype == at::kDouble,
+                    "pack_cpu: dtype must be float32, bfloat16, float16 or float64, got ", x_dtype);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  at::NoGradGuard no_grad;
+  const int64_t C = dw_weight.size(0), k = dw_weight.size(2), Cout = pw_weight.size(0);
+  const auto acc_dtype = x_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto product_dtype = product_dtype_for(x_dtype);
+  const Strategy strategy = parse_strategy(strategy_name, C, Cout, x_dtype, product_dtype);
+  const auto opts = dw_weight.options().dtype(acc_dtype);
+
+  auto header = at::zeros({kCpuHeaderLength}, at::dtype(at::kLong));
+  auto* h = header.mutable_data_ptr<int64_t>();
+  h[kFormat] = kCpuFormat;
+  h[kChannels] = C;
+  h[kOutChannels] = Cout;
+  h[kKernelSize] = k;
+  h[kProductDtype] = static_cast<int64_t>(product_dtype);
+  h[kLayout] = strategy;
+
+  const auto taps = dw_weight.detach().reshape({C, k * k}).t().to(acc_dtype).contiguous();
+  const auto dw_b = dw_bias.has_value() ? dw_bias->detach().to(acc_dtype).contiguous() : at::zeros({C}, opts);
+  const auto w = pw_weight.detach().reshape({Cout, C});
+  at::Tensor pointwise, pw_b;
+  if (strategy == kTiled) {
+    const auto operand_dtype = tiled_operand_dtype(product_dtype);
+    const bool vnni = operand_dtype != at::kFloat;
+    const int64_t block = block_width_for(Cout);
+    const int64_t blocks = (Cout + block - 1) / block;
+    const int64_t depth = vnni ? (C + 1) / 2 * 2 : C;
+    h[kBlockWidth] = block;
+    h[kDepth] = depth;
+    // Half-precision operands: the output's own rounding dwarfs the fp32 sum's, one chunk.
+    h[kSumDepth] = operand_dtype == at::kFloat && product_dtype == at::kFloat ? (getenv("XF_SUM_DEPTH") ? atoi(getenv("XF_SUM_DEPTH")) : kFp32SumDepth) : depth;
+    // [K][Cout] in the product dtype (rounded to it, even where fp32 holds it), zero-padded to
+    // whole blocks and to the depth.
+    auto kn = at::zeros({depth, blocks * block}, opts.dtype(operand_dtype));
+    kn.narrow(0, 0, C).narrow(1, 0, Cout).copy_(w.t().to(product_dtype));
+    pointwise = at::empty({blocks, depth * block}, opts.dtype(operand_dtype));
+    for (int64_t b = 0; b < blocks; ++b) {
+      const auto block_kn = kn.narrow(1, b * block, block).contiguous();
+      if (vnni) {
+        at::native::cpublas::pack(depth, block, block, block, operand_dtype, operand_dtype,
+                                  block_kn.const_data_ptr(), pointwise[b].data_ptr());
+      } else {
+        pointwise[b].copy_(block_kn.reshape({-1}));
+      }
+    }
+    pw_b = at::zeros({blocks * block}, opts.dtype(at::kFloat));
+    if (pw_bias.has_value()) pw_b.narrow(0, 0, Cout).copy_(*pw_bias);
+  } else {
+    const auto wd = x_dtype == at::kDouble ? w.to(at::kDouble) : w.to(x_dtype);
+    const auto w4 = wd.reshape({Cout, C, 1, 1}).contiguous();
+    // The depthwise result's size, the convolution's input.
+    pointwise = materialized_in_onednn(x_dtype) && input_size.has_value() ? reorder_for_onednn(w4, *input_size) : w4;
+    pw_b = pw_bias.has_value() ? pw_bias->detach().to(acc_dtype).contiguous() : at::zeros({Cout}, opts);
+  }
+  return {header, taps, dw_b, pointwise, pw_b};
+}
+
+// ----------------------------------------------------------------------------------------------
+// The strategies
+
+struct Operands {
+  UnitShape s;
+  at::Tensor x, residual, out;  // NHWC (channels-last) x and residual, channels-last out
+  at::Tensor taps, dw_bias, pointwise, pw_bias;
+  std::vector<int64_t> header;
+};
+
+template <typename scalar_t, typename dst_t, typename acc_t>
+DepthwiseArgs<scalar_t, acc_t> depthwise_args(const Operands& o, at::ScalarType round_dtype) {
+  const auto& s = o.s;
+  return DepthwiseArgs<scalar_t, acc_t>{
+      o.x.const_data_ptr<scalar_t>(), o.taps.const_data_ptr<acc_t>(), o.dw_bias.const_data_ptr<acc_t>(),
+      s.N, s.C, s.H, s.W, s.Ho, s.Wo, s.k, s.stride, s.padding, s.dilation,
+      Activation<acc_t>(s.act_in), Activation<acc_t>(s.act_mid), round_dtype};
+}
+
+// Tiles of output pixels x groups of output-channel blocks. A tile's depthwise rows stay within
+// L2 next to the weights streaming past them; where that makes too few tiles for every thread to
+// have several (batch 1, small maps), the tiles shrink first (down to kMinTileRows), and only then
+// do the output channels split into groups, each of which computes the tile's depthwise rows
+// again.
+struct TilePlan {
+  int64_t tile_rows, tiles, groups, blocks_per_group;
+};
+
+constexpr int64_t kMinTileRows = 32;
+
+TilePlan plan_tiles(int64_t M, int64_t depth, int64_t operand_size, int64_t blocks) {
+  TilePlan p;
+  const int64_t budget = int64_t{256} << 10;
+  const int64_t wanted = 4 * at::get_num_threads();
+  p.tile_rows = std::clamp<int64_t>(budget / (depth * operand_size) / 16 * 16, kMinTileRows, 256);
+  const int64_t rows_for_enough_tiles = (M + wanted - 1) / wanted;
+  p.tile_rows = std::max(kMinTileRows, std::min(p.tile_rows, (rows_for_enough_tiles + 15) / 16 * 16));
+  p.tiles = (M + p.tile_rows - 1) / p.tile_rows;
+  p.groups = std::min(blocks, std::max<int64_t>(1, (wanted + p.tiles - 1) / p.tiles));
+  p.blocks_per_group = (blocks + p.groups - 1) / p.groups;
+  p.groups = (blocks + p.blocks_per_group - 1) / p.blocks_per_group;
+  return p;
+}
+
+template <typename scalar_t, typename operand_t>
+void run_tiled(Operands& o) {
+  const auto& s = o.s;
+  const int64_t M = s.N * s.Ho * s.Wo;
+  const int64_t block = o.header[kBlockWidth], depth = o.header[kDepth];
+  const int64_t blocks = (s.Cout + block - 1) / block;
+  const auto product_dtype = static_cast<at::ScalarType>(o.header[kProductDtype]);
+  constexpr bool vnni = !std::is_same_v<operand_t, float>;
+  const TilePlan plan = plan_tiles(M, depth, sizeof(operand_t), blocks);
+  const int64_t sum_depth = o.header[kSumDepth];
+  const auto dw = depthwise_args<scalar_t, operand_t, float>(o, product_dtype);
+  const InAct in_act = in_act_kind(s.act_in);
+  const operand_t* pointwise = static_cast<const operand_t*>(o.pointwise.const_data_ptr());
+  const float* bias = o.pw_bias.const_data_ptr<float>();
+  const scalar_t* residual = o.residual.defined() ? o.residual.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = o.out.mutable_data_ptr<scalar_t>();
+
+  at::parallel_for(0, plan.tiles * plan.groups, 1, [&](int64_t item_begin, int64_t item_end) {
+    std::vector<operand_t> a(static_cast<size_t>(plan.tile_rows * depth), operand_t(0));
+    std::vector<float> y(static_cast<size_t>(plan.tile_rows * block));
+    std::vector<float> partial(sum_depth < depth ? y.size() : 0);
+    int64_t rows_of = -1;  // the tile whose depthwise rows `a` holds
+    for (int64_t item = item_begin; item < item_end; ++item) {
+      const int64_t tile = item / plan.groups, group = item % plan.groups;
+      const int64_t p0 = tile * plan.tile_rows, rows = std::min(plan.tile_rows, M - p0);
+      if (tile != rows_of) {
+        depthwise_rows(dw, in_act, p0, p0 + rows, a.data(), depth);
+        rows_of = tile;
+      }
+      const int64_t b_end = std::min(blocks, (group + 1) * plan.blocks_per_group);
+      for (int64_t b = group * plan.blocks_per_group; b < b_end; ++b) {
+        const int64_t co0 = b * block, cols = std::min(block, s.Cout - co0);
+        const operand_t* w = pointwise + b * depth * block;
+        // The product over K in chunks of sum_depth, each chunk's partial sums added to the
+        // tile's: rounding error then grows with sum_depth + K / sum_depth rather than with K, as
+        // in oneDNN's own blocked reductions (one running sum over K = 1024 measured several
+        // times less exact than eager's convolution in fp32).
+        at::native::cpublas::brgemm(rows, block, std::min(sum_depth, depth), depth, block, block, false, a.data(), w,
+                                    y.data(), vnni);
+        for (int64_t k0 = sum_depth; k0 < depth; k0 += sum_depth) {
+          at::native::cpublas::brgemm(rows, block, std::min(sum_depth, depth - k0), depth, block, block, false,
+                                      a.data() + k0, w + k0 * block, partial.data(), vnni);
+          add_rows(partial.data(), y.data(), rows * block);
+        }
+        epilogue_rows(y.data(), block, rows, cols, bias + co0, s.act_out,
+                      residual ? residual + p0 * s.Cout + co0 : nullptr, out + p0 * s.Cout + co0, s.Cout);
+      }
+    }
+    if constexpr (vnni) at::native::cpublas::brgemm_release(vnni);
+  });
+}
+
+// mkldnn::_convolution_pointwise and its .binary overload, through the dispatcher: oneDNN is
+// linked into libtorch with its symbols hidden.
+at::Tensor onednn_pointwise(const at::Tensor& d, const at::Tensor& w, const at::Tensor& bias, Act act,
+                            const at::Tensor& residual) {
+  static const auto unary = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
+                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                                  at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                                                  c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                                  std::optional<c10::string_view>)>();
+  static const auto binary =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view,
+                            std::optional<at::Scalar>, std::optional<c10::string_view>,
+                            c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+  const std::vector<int64_t> zeros{0, 0}, ones{1, 1};
+  if (residual.defined()) {
+    return binary.call(d, residual, w, bias.to(d.scalar_type()), zeros, ones, ones, 1, "add", std::nullopt,
+                       std::nullopt, c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
+  c10::List<std::optional<at::Scalar>> scalars;
+  const char* attr = "none";
+  if (act == Act::kRelu) attr = "relu";
+  if (act == Act::kHardswish) attr = "hardswish";
+  if (act == Act::kRelu6) {
+    attr = "hardtanh";
+    scalars.push_back(at::Scalar(0.0));
+    scalars.push_back(at::Scalar(6.0));
+  }
+  return unary.call(d, w, bias, zeros, ones, ones, 1, attr, scalars, std::nullopt);
+}
+
+template <typename scalar_t>
+void run_materialized(Operands& o) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto& s = o.s;
+  const int64_t M = s.N * s.Ho * s.Wo;
+  // The intermediate in x's dtype, as eager's depthwise conv writes it.
+  auto d = at::empty({s.N, s.C, s.Ho, s.Wo}, o.x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const auto dw = depthwise_args<scalar_t, scalar_t, acc_t>(o, o.x.scalar_type());
+  const InAct in_act = in_act_kind(s.act_in);
+  scalar_t* d_ptr = d.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) { depthwise_rows(dw, in_act, b, e, d_ptr + b * s.C, s.C); });
+
+  at::Tensor y;
+  if (materialized_in_onednn(o.x.scalar_type())) {
+    // oneDNN applies the activation after its binary post-op: a residual added after a non-identity
+    // activation is a pass of its own.
+    const bool residual_after_act = o.residual.defined() && s.act_out != Act::kIdentity;
+    y = onednn_pointwise(d, o.pointwise, o.pw_bias, s.act_out, residual_after_act ? at::Tensor() : o.residual);
+    if (residual_after_act) y.add_(o.residual);
+  } else {
+    y = at::conv2d(d, o.pointwise, o.pw_bias.to(d.scalar_type()));
+    if (s.act_out == Act::kRelu) y.relu_();
+    if (s.act_out == Act::kRelu6) y.clamp_(0, 6);
+    if (s.act_out == Act::kHardswish) y = at::hardswish(y);
+    if (o.residual.defined()) y.add_(o.residual);
+  }
+  o.out = y.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// ----------------------------------------------------------------------------------------------
+// The op
+
+at::Tensor sepconv_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
+                       const at::Tensor& pw_weight, const std::optional<at::Tensor>& pw_bias,
+                       const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, int64_t dilation,
+                       c10::string_view act_in, c10::string_view act_mid, c10::string_view act_out,
+                       std::optional<at::TensorList> packed) {
+  const UnitShape s = check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation,
+                                 act_in, act_mid, act_out);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "sepconv (CPU kernel): x must be a CPU tensor, got ", x.device());
+  // The ATen calls inside compute in the dtypes chosen here, even under autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  auto [x_nhwc, res_nhwc, out, memory_format] = nhwc_operands(x, s, residual);
+  if (out.numel() == 0) return out.contiguous(memory_format);
+
+  std::vector<at::Tensor> own;
+  at::TensorList weights;
+  if (packed.has_value()) {
+    weights = *packed;
+  } else {
+    own = pack_cpu_impl(dw_weight, dw_bias, pw_weight, pw_bias, x.scalar_type(), "auto",
+                        std::vector<int64_t>{s.N, s.C, s.Ho, s.Wo});
+    weights = own;
+  }
+  Operands o{s, x_nhwc, res_nhwc, out};
+  o.header = check_packed_header(weights, kCpuFormat, s, product_dtype_for(x.scalar_type()), kCpuPackedLength);
+  o.taps = weights[1];
+  o.dw_bias = weights[2];
+  o.pointwise = weights[3];
+  o.pw_bias = weights[4];
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(o.taps.scalar_type() == acc_dtype && o.taps.numel() == s.k * s.k * s.C &&
+                        o.dw_bias.numel() == s.C && o.taps.is_contiguous() && o.dw_bias.is_contiguous(),
+                    "sepconv: packed weights do not hold this unit's depthwise taps");
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sepconv_cpu", [&] {
+    if (o.header[kLayout] == kMaterialized) {
+      run_materialized<scalar_t>(o);
+      return;
+    }
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK_VALUE(false, "sepconv: packed weights for the tiled product cannot run float64 x");
+    } else {
+      const int64_t blocks = (s.Cout + o.header[kBlockWidth] - 1) / o.header[kBlockWidth];
+      const auto operand_dtype = o.pointwise.scalar_type();
+      TORCH_CHECK_VALUE(o.pointwise.numel() == blocks * o.header[kDepth] * o.header[kBlockWidth] &&
+                            o.pw_bias.numel() == blocks * o.header[kBlockWidth] && o.pointwise.is_contiguous(),
+                        "sepconv: packed weights do not hold this unit's pointwise blocks");
+      // The operands are fp32, or the product's half-precision dtype (x's own; bf16 for fp32 x
+      // under the bf16 precision setting).
+      constexpr bool bf16_operands = !std::is_same_v<scalar_t, c10::Half>;
+      if (operand_dtype == at::kFloat) {
+        run_tiled<scalar_t, float>(o);
+      } else if (bf16_operands && operand_dtype == at::kBFloat16) {
+        run_tiled<scalar_t, std::conditional_t<bf16_operands, c10::BFloat16, float>>(o);
+      } else {
+        TORCH_CHECK_VALUE(!bf16_operands && operand_dtype == at::kHalf, "sepconv: packed pointwise weights of dtype ",
+                          operand_dtype, " for x of dtype ", x.scalar_type());
+        run_tiled<scalar_t, std::conditional_t<bf16_operands, float, c10::Half>>(o);
+      }
+    }
+  });
+  return o.out.contiguous(memory_format);
+}
+
+std::vector<at::Tensor> pack_cpu(const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
+                                 const at::Tensor& pw_weight, const std::optional<at::Tensor>& pw_bias,
+                                 at::ScalarType dtype, c10::string_view strategy,
+                                 at::OptionalIntArrayRef output_size) {
+  std::optional<std::vector<int64_t>> input_size;
+  if (output_size.has_value()) {
+    TORCH_CHECK_VALUE(output_size->size() == 4, "pack_cpu: output_size must be [N, Cout, Ho, Wo], got ",
+                      *output_size);
+    input_size = std::vector<int64_t>{(*output_size)[0], dw_weight.size(0), (*output_size)[2], (*output_size)[3]};
+  }
+  return pack_cpu_impl(dw_weight, dw_bias, pw_weight, pw_bias, dtype, strategy,
+                       input_size.has_value() ? at::OptionalIntArrayRef(*input_size) : std::nullopt);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xception_fast, CPU, m) {
+  m.impl("sepconv", &sepconv_cpu);
+  m.impl("pack_cpu", &pack_cpu);
+}
+
+}  // namespace xception_fast

@@ -1,0 +1,118 @@
+"""What the C++ op and the Triton op of the fused unit both register: autograd and autocast.
+
+Autograd: the forward saves only its inputs. The backward recomputes the depthwise result in eager steps
+(and, when act_out is not the identity, the pre-activation of the output through the fused op
+itself, so that the activation's mask is the one the forward applied) instead of keeping them,
+which is where training through the fused op saves activation memory.
+"""
+import torch
+
+from .contract import activation
+
+_conv_backward = torch.ops.aten.convolution_backward.default
+_aten = torch.ops.aten
+
+
+def activation_backward(grad, pre, name):
+    """The gradient through activation ``name`` at pre-activation ``pre``, with eager's own
+    backward kernels (so that the masks at the kinks are eager's)."""
+    if name == "identity":
+        return grad
+    if name == "relu":
+        return _aten.threshold_backward(grad, pre, 0)
+    if name == "relu6":
+        return _aten.hardtanh_backward(grad, pre, 0.0, 6.0)
+    if name == "hardswish":
+        return _aten.hardswish_backward(grad, pre)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def register_autograd(op_name, forward_op):
+    """Register the backward of ``op_name``; ``forward_op`` (the op itself) recomputes the
+    pre-activation of the output."""
+
+    def setup_context(ctx, inputs, output):
+        (x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation, act_in, act_mid, act_out,
+         packed) = inputs
+        # autograd wants one entry per element of a list input: the packed weights get none.
+        ctx.packed_grad = None if packed is None else [None] * len(packed)
+        ctx.conv = (stride, padding, dilation)
+        ctx.acts = (act_in, act_mid, act_out)
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(x, dw_weight, dw_bias, pw_weight, pw_bias)
+
+    def backward(ctx, grad):
+        x, dw_weight, dw_bias, pw_weight, pw_bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_x, need_dw, need_dw_bias, need_pw, need_pw_bias = need[:5]
+        need_residual = need[5]
+        stride, padding, dilation = ctx.conv
+        act_in, act_mid, act_out = ctx.acts
+        channels = x.shape[1]
+        dtype = x.dtype
+
+        def cast(t):
+            return None if t is None else t.to(dtype)
+
+        dw, pw = cast(dw_weight), cast(pw_weight)
+        grad = grad.to(dtype)
+        a = activation(x, act_in)
+        pre_d = torch.nn.functional.conv2d(a, dw, cast(dw_bias), stride=stride, padding=padding, dilation=dilation,
+                                           groups=channels)
+        d = activation(pre_d, act_mid)
+        g = grad
+        if act_out != "identity":
+            z = forward_op(x, dw_weight, dw_bias, pw_weight, pw_bias, None, stride, padding, dilation, act_in, act_mid,
+                           "identity", None)
+            g = activation_backward(grad, z, act_out)
+        need_depthwise = need_x or need_dw or need_dw_bias
+        grad_d, grad_pw, _ = _conv_backward(g, d, pw, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                            [need_depthwise, need_pw, False])
+        grad_x = grad_dw = grad_dw_bias = None
+        if need_depthwise:
+            grad_pre = activation_backward(grad_d, pre_d, act_mid)
+            grad_a, grad_dw, _ = _conv_backward(grad_pre, a, dw, None, [stride] * 2, [padding] * 2, [dilation] * 2,
+                                                False, [0, 0], channels, [need_x, need_dw, False])
+            if need_x:
+                grad_x = activation_backward(grad_a, x, act_in)
+            if need_dw_bias and dw_bias is not None:
+                grad_dw_bias = grad_pre.sum((0, 2, 3)).to(dw_bias.dtype)
+        return (
+            grad_x,
+            None if grad_dw is None else grad_dw.to(dw_weight.dtype),
+            grad_dw_bias,
+            None if grad_pw is None else grad_pw.to(pw_weight.dtype),
+            g.sum((0, 2, 3)).to(pw_bias.dtype) if need_pw_bias and pw_bias is not None else None,
+            grad if need_residual and ctx.has_residual else None,
+            None, None, None, None, None, None, ctx.packed_grad,
+        )
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+def register_autocast(library, op_name, op):
+    """Autocast for the unit, as for nn.Conv2d: x and residual are cast to the autocast dtype. The
+    weights are left as they are: the kernels take float32 weights with half-precision x and round
+    them where they multiply in half precision, as autocast's cast would, so packed weights and
+    their cache survive autocast (torch.library.register_autocast casts every floating tensor,
+    packed weights included, on every call)."""
+    for device_type in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        library.impl(op_name, _autocast_kernel(op, device_type, key), key)
+
+
+def _autocast_kernel(op, device_type, key):
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, *options):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            eligible = (t is not None and t.is_floating_point() and t.device.type == device_type
+                        and t.dtype != torch.float64)
+            return t.to(dtype) if eligible else t
+
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(cast(x), dw_weight, dw_bias, pw_weight, pw_bias, cast(residual), *options)
+
+    return kernel
