@@ -155,8 +155,8 @@ _GPU_FUSED = ("fused_cuda", "fused_triton")
 _CPU_UNIT = ("eager_cl", "fused_cpu")
 _CPU_MODEL = ("eager_cl", "compile", "fused_cpu", "fused_cpu_compiled")
 
-# Per device and profile: kind -> [(dtype or precision, batch, contenders, models)] (models: None
-# for units, else the model names). On a CPU the per-layer matrix is the CPU issue's: every unit at
+# Per device and profile: kind -> [(dtype or precision, batch, contenders, targets)] (targets: the
+# unit shapes (None: all of UNIT_SHAPES), or the model names ("selected": selected_models())). On a CPU the per-layer matrix is the CPU issue's: every unit at
 # batch 1, 8 and 32 in fp32 and bf16 against eager channels_last, and torch.compile at batch 8 fp32;
 # the models at batch 8 (fp32, bf16 autocast) and 1 (fp32); a training step of Xception at batch 4.
 MATRIX = {
@@ -181,13 +181,20 @@ MATRIX = {
                   ("fp32", 128, _GPU_EAGER + COMPILERS + _GPU_FUSED, ("Xception",))],
         "train": [("amp-bf16", 128, _GPU_EAGER + ("compile",) + _GPU_FUSED, ("Xception",))],
     },
+    # The GPU check: one call of at most ten minutes, build and tests included. Xception's units
+    # and four of the zoo's (Triton autotunes each new shape; the Xception model's units then hit
+    # its cache); the model at batch 128 and 1; max-autotune's compilation comes last: if it
+    # overruns the check's time limit, the rest is already measured and written.
     ("cuda", "quick"): {
-        "unit": [("bf16", 128, ("eager_cl", "fused_triton", "fused_cuda"), None)],
-        # max-autotune's compilation comes last: if it overruns the check's time limit, the rest is
-        # already measured and written.
-        "infer": [("amp-bf16", 128, ("eager_cl", "fused_cuda", "fused_triton", "compile_max_autotune"),
-                   ("Xception", "mobilenetv2_100")),
-                  ("amp-bf16", 1, ("eager_cl", "fused_cuda", "fused_triton"), ("Xception",))],
+        "unit": [("bf16", 128, ("eager_cl", "fused_cuda", "fused_triton"),
+                  [s for s in UNIT_SHAPES if s.family == "Xception"] + [
+                      UnitShape("MobileNetV2", 96, 24, 112, stride=2), UnitShape("MobileNetV2", 960, 320, 7),
+                      UnitShape("EfficientNet-lite0", 240, 40, 28, k=5, residual=True),
+                      UnitShape("EfficientNet-lite0", 672, 192, 14, k=5, stride=2)])],
+        "infer": [("amp-bf16", 128, ("eager_cl", "fused_cuda", "fused_triton"), ("Xception",)),
+                  ("amp-bf16", 128, ("eager_cl", "fused_cuda"), ("mobilenetv2_100",)),
+                  ("amp-bf16", 1, ("eager_cl", "fused_cuda", "fused_triton"), ("Xception",)),
+                  ("amp-bf16", 128, ("compile_max_autotune",), ("Xception",))],
         "train": [],
     },
 }
@@ -233,11 +240,11 @@ class Case:
 def cases(kind):
     """The cases of ``kind`` for this device and profile, contenders of one case adjacent."""
     out = []
-    for dtype, batch, contenders, models in MATRIX[(DEVICE.type, PROFILE)][kind]:
+    for dtype, batch, contenders, chosen in MATRIX[(DEVICE.type, PROFILE)][kind]:
         if kind == "unit":
-            targets = [dict(shape=s) for s in UNIT_SHAPES]
+            targets = [dict(shape=s) for s in (UNIT_SHAPES if chosen is None else chosen)]
         else:
-            names = selected_models() if models == "selected" else list(models)
+            names = selected_models() if chosen == "selected" else list(chosen)
             targets = [dict(model=m) for m in names]
         out += [Case(kind, dtype, batch, contender, **target) for target in targets for contender in contenders]
     return out

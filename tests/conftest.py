@@ -7,6 +7,9 @@ import torch
 # chosen when @triton.jit decorates, so this must be set before xception_fast.triton_sepconv imports.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU every new problem the Triton kernel meets is autotuned (a compile per config): the tests
+# check results, not speed, so each compiles one config (xception_fast.triton_sepconv).
+os.environ.setdefault("XCEPTION_FAST_TRITON_AUTOTUNE", "0")
 
 HAS_CUDA = torch.cuda.is_available()
 

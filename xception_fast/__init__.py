@@ -1,10 +1,12 @@
 """xception_fast: every depthwise-separable unit of a model fused into one kernel.
 
-The reference model, the timm interop and the contract import with the package; the op, which
-needs its kernels, loads them on first use (xception_fast._extension).
+Importing the package defines the op (torch.ops.xception_fast.sepconv, its fake, autograd and
+autocast rule) and needs no compiler; its C++ kernels are compiled or loaded on the first call that
+needs them (xception_fast._extension), the Triton kernel on the first call with backend="triton".
 """
 from .contract import fold_bn, sepconv_reference
 from .model import Xception
+from .ops import pack_weights, sepconv, sepconv_bn
 from .timm_compat import convert_timm_state_dict, convert_to_timm_state_dict
 
 __all__ = ["Xception", "convert_timm_state_dict", "convert_to_timm_state_dict", "sepconv", "sepconv_bn",
@@ -12,7 +14,6 @@ __all__ = ["Xception", "convert_timm_state_dict", "convert_to_timm_state_dict", 
            "FusedSeparableConv2d", "FusedConv2dBN", "FusedBlock"]
 
 _LAZY = {
-    "sepconv": "ops", "sepconv_bn": "ops", "pack_weights": "ops",
     "fuse": "fusion", "FuseReport": "fusion", "UnitReport": "fusion", "FusedSeparableConv2d": "fusion",
     "FusedConv2dBN": "fusion", "FusedBlock": "fusion",
 }

@@ -55,7 +55,7 @@ def _build_on_first_use(with_cuda):
     if fresh:
         what = "C++ and CUDA" if with_cuda else "C++"
         print(f"xception_fast: compiling the {what} kernels against torch {torch.__version__} into {build_dir} "
-              f"(once; {'a few minutes' if with_cuda else 'about a minute'} on 2 cores)", file=sys.stderr, flush=True)
+              f"(once; {'several minutes' if with_cuda else 'a few minutes'} on 2 cores)", file=sys.stderr, flush=True)
     args = _build_config.compile_args(with_cuda)
     cpp_extension.load(
         name=name,

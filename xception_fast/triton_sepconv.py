@@ -2,8 +2,11 @@
 
     y = act_out( PW( act_mid( DW(act_in(x)) + dw_bias ) ) + pw_bias ) + residual
 
-The same op as the C++ one (contract.SCHEMA, contract.check_args), for any GPU that Triton
-targets. One program computes a tile of NHWC output pixels x output channels and walks the input
+The C++ op's contract (contract.SCHEMA, contract.check_args), for any GPU that Triton targets. It
+is a second op, not a second kernel of xception_fast::sepconv: both run on CUDA tensors and a
+dispatch key holds one kernel per op, while which of the two runs is the user's choice per call
+or per fused module; and as an op of its own (torch.library.triton_op) torch.compile can trace
+into its Triton kernel. One program computes a tile of NHWC output pixels x output channels and walks the input
 channels in slices: each slice's depthwise result (k x k shifted loads, stride and dilation applied
 to the addresses) is built in float32 registers, gets dw_bias and act_mid, is rounded to x's dtype
 and goes straight into ``tl.dot`` with the slice's pointwise weights, so the depthwise
@@ -14,6 +17,8 @@ x's dtype, zero-padded so that the kernel reads them without masks and the call 
 Under ``TRITON_INTERPRET=1`` (read by Triton when this module is imported) the kernel runs on CPU
 tensors, with one small config instead of autotuning. Nothing here needs the C++ extension.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -103,11 +108,20 @@ _AUTOTUNE_KEY = ["M", "H", "W", "C_DIV", "COUT_DIV", "stride", "padding", "dilat
                  "ACT_IN", "ACT_MID", "ACT_OUT", "HAS_RESIDUAL", "ALLOW_TF32"]
 
 
+# XCEPTION_FAST_TRITON_AUTOTUNE=0 (read at import): one config per dtype, the first of each list
+# that fits the problem, with no timing of the others: every new problem then costs one compile
+# instead of one per config (what the test suite and a time-boxed GPU check can afford).
+AUTOTUNE_ENV = "XCEPTION_FAST_TRITON_AUTOTUNE"
+
+
 def _autotune(fn):
     if isinstance(fn, InterpretedFunction):
         return triton.autotune(configs=_INTERPRETER_CONFIGS, key=[])(fn)
-    return triton.autotune(configs=_GPU_CONFIGS, key=_AUTOTUNE_KEY,
-                           prune_configs_by={"early_config_prune": _prune_configs})(fn)
+    prune = _prune_configs
+    if os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        def prune(configs, named_args, **kwargs):
+            return _prune_configs(configs, named_args, **kwargs)[:1]
+    return triton.autotune(configs=_GPU_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})(fn)
 
 
 @triton.jit

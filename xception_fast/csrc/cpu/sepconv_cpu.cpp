@@ -5,12 +5,12 @@
 // Two strategies for the pointwise product, chosen per unit when the weights are packed
 // (choose_strategy says which and why):
 //
-// - tiled: each thread takes tiles of output pixels (NHWC rows). A tile's depthwise result is
-//   computed into a buffer that stays in the core's cache, in the product's dtype, and multiplied by
-//   the packed pointwise weights with oneDNN's batch-reduce GEMM micro-kernel
-//   (at::native::cpublas::brgemm: AVX2, AVX-512 or AMX, picked at run time), one block of output
-//   channels at a time; bias, activation and residual are applied to each block while it is in
-//   L1, before its one store. The depthwise intermediate never goes to memory.
+// - tiled (fp32): each thread takes tiles of output pixels (NHWC rows). A tile's depthwise result
+//   is computed into a buffer that stays in the core's cache and multiplied by the packed
+//   pointwise weights with oneDNN's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm:
+//   AVX2 or AVX-512, picked at run time), one block of output channels at a time; bias,
+//   activation and residual are applied to each block while it is in L1, before its one store.
+//   The depthwise intermediate never goes to memory.
 // - materialized: the depthwise result of the whole batch goes to memory once, in x's dtype, and
 //   the product runs as one convolution over it: for bfloat16 oneDNN's 1x1 convolution with the
 //   weights reordered once into its blocked layout and bias, activation and residual as its
@@ -19,10 +19,10 @@
 //   product, for units whose arithmetic dwarfs the intermediate's bytes.
 //
 // Half-precision x: the depthwise result is rounded to x's dtype (where eager's separate depthwise
-// conv rounds it), the product multiplies in that dtype with fp32 accumulation, the epilogue is
-// fp32 and the output is rounded once. fp32 x multiplies in fp32, or in bf16 where PyTorch's
-// setting for oneDNN convolutions allows it (torch.backends.mkldnn.conv.fp32_precision = "bf16"),
-// as nn.Conv2d does.
+// conv rounds it), the product multiplies in that dtype with fp32 accumulation (AMX or AVX512-BF16
+// where the CPU has them: oneDNN picks), the epilogue is fp32 and the output is rounded once. fp32
+// x multiplies in fp32, or in bf16 where PyTorch's setting for oneDNN convolutions allows it
+// (torch.backends.mkldnn.conv.fp32_precision = "bf16"), as nn.Conv2d does.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -150,24 +150,6 @@ inline __attribute__((always_inline)) void store_vector(dst_t* dst, const vec_of
   }
 }
 
-// v rounded to `dtype` and back: the depthwise result of half-precision x, multiplied in fp32 where
-// the CPU has no half-precision product (the same products, exactly, as a bf16 x bf16 -> fp32 one).
-inline __attribute__((always_inline)) vec_of<float> round_to(const vec_of<float>& v, at::ScalarType dtype) {
-  if (dtype == at::kBFloat16) {
-    const bits32_vec bits = __builtin_convertvector(bf16_bits(v), bits32_vec) << 16;
-    vec_of<float> r;
-    std::memcpy(&r, &bits, sizeof(r));
-    return r;
-  }
-  if (dtype == at::kHalf) return __builtin_convertvector(__builtin_convertvector(v, half_vec), vec_of<float>);
-  return v;
-}
-inline float round_to(float v, at::ScalarType dtype) {
-  if (dtype == at::kBFloat16) return elem_cast<float>(elem_cast<c10::BFloat16>(v));
-  if (dtype == at::kHalf) return static_cast<float>(static_cast<c10::Half>(v));
-  return v;
-}
-
 // ----------------------------------------------------------------------------------------------
 // Activations: identity, ReLU and ReLU6 are a clamp to [lo, hi] written so that NaN stays NaN (as
 // torch's), Hardswish is v * clamp(v + 3, 0, 6) / 6.
@@ -239,7 +221,6 @@ struct DepthwiseArgs {
   const acc_t* bias;       // [C]
   int64_t N, C, H, W, Ho, Wo, k, stride, padding, dilation;
   Activation<acc_t> act_in, act_mid;
-  at::ScalarType round_dtype;  // the depthwise result is rounded to this dtype (float: not rounded)
 };
 
 // Output pixels [p_begin, p_end) (flat NHWC indices of the output) into dst[p - p_begin][0, C),
@@ -262,19 +243,11 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
   const int64_t C = a.C, W = a.W, stride = a.stride, pad = a.padding, dil = a.dilation;
   // Locals, so that the compiler keeps them in registers across the stores to dst.
   const Activation<acc_t> mid = a.act_mid;
-  const bool round = std::is_same_v<dst_t, float> && a.round_dtype != c10::CppTypeToScalarType<acc_t>::value;
-  const at::ScalarType round_dtype = a.round_dtype;
   const acc_t* __restrict__ taps = a.taps;
   const acc_t* __restrict__ dw_bias = a.bias;
   // The lambdas are inlined by force: out of line they would be compiled outside the entry point's
   // AVX-512 / AVX2 clones, for the baseline instruction set.
-  auto finish = [&](auto v) __attribute__((always_inline)) {
-    v = mid(v);
-    if constexpr (std::is_same_v<acc_t, float>) {
-      if (round) v = round_to(v, round_dtype);
-    }
-    return v;
-  };
+  auto finish = [&](auto v) __attribute__((always_inline)) { return mid(v); };
   // The output columns whose window lies inside x: ow * stride - pad >= 0 and
   // ow * stride - pad + (k - 1) * dil <= W - 1.
   const int64_t interior_first = (pad + stride - 1) / stride;
@@ -387,11 +360,10 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
 #define XF_CPU_CLONES
 #endif
 
-// (x dtype, depthwise destination dtype, accumulator dtype): every combination the strategies
-// below write, the destination being the product's operand dtype.
-#define XF_FOR_EACH_DEPTHWISE(X)                                                                           \
-  X(float, float, float) X(float, c10::BFloat16, float) X(double, double, double) X(c10::BFloat16, float, float) \
-  X(c10::BFloat16, c10::BFloat16, float) X(c10::Half, float, float) X(c10::Half, c10::Half, float)
+// (x dtype, depthwise destination dtype, accumulator dtype): the depthwise result goes to memory in
+// x's dtype (materialized), or to the fp32 tiles (tiled, fp32 x).
+#define XF_FOR_EACH_DEPTHWISE(X) \
+  X(float, float, float) X(double, double, double) X(c10::BFloat16, c10::BFloat16, float) X(c10::Half, c10::Half, float)
 
 template <typename scalar_t, typename dst_t, typename acc_t, InAct IA>
 inline __attribute__((always_inline)) void depthwise_rows_for_act(const DepthwiseArgs<scalar_t, acc_t>& a,
@@ -459,14 +431,10 @@ XF_CPU_CLONES void add_rows(const float* __restrict__ src, float* __restrict__ d
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
-#define XF_FOR_EACH_OUTPUT(X) X(float) X(c10::BFloat16) X(c10::Half)
-#define XF_EPILOGUE_ROWS(scalar_t)                                                                         \
-  XF_CPU_CLONES void epilogue_rows(const float* y, int64_t ld_y, int64_t rows, int64_t cols, const float* bias, \
-                                   Act act_out, const scalar_t* residual, scalar_t* out, int64_t ld_out) {     \
-    epilogue_rows_impl<scalar_t>(y, ld_y, rows, cols, bias, act_out, residual, out, ld_out);                  \
-  }
-XF_FOR_EACH_OUTPUT(XF_EPILOGUE_ROWS)
-#undef XF_EPILOGUE_ROWS
+XF_CPU_CLONES void epilogue_rows(const float* y, int64_t ld_y, int64_t rows, int64_t cols, const float* bias,
+                                 Act act_out, const float* residual, float* out, int64_t ld_out) {
+  epilogue_rows_impl<float>(y, ld_y, rows, cols, bias, act_out, residual, out, ld_out);
+}
 
 // ----------------------------------------------------------------------------------------------
 // Packed weights
@@ -499,43 +467,37 @@ bool fp32_convs_may_use_bf16() {
 #endif
 }
 
-// Whether the CPU multiplies `dtype` operands natively in brgemm (a VNNI-packed B: AMX here).
-bool brgemm_multiplies(at::ScalarType dtype) {
-  if (!kHasBrgemm) return false;
-  if (dtype == at::kFloat) return true;
-  return (dtype == at::kBFloat16 || dtype == at::kHalf) && at::native::cpublas::could_pack(dtype);
-}
-
 // The dtype in which the pointwise product of x of `dtype` multiplies, as eager's convolution would.
 at::ScalarType product_dtype_for(at::ScalarType dtype) {
   if (dtype == at::kFloat && fp32_convs_may_use_bf16()) return at::kBFloat16;
   return dtype;
 }
 
-// The strategy for a unit (see the top of the file). The materialized product writes and reads
-// the depthwise result (C values per pixel) that the tiled product never stores; the tiled one runs
-// brgemm per tile of pixels and block of output channels, with the epilogue between the calls,
-// where oneDNN's convolution blocks one large product with its epilogue inside its kernel. Where
-// the unit's output is narrow (at most one brgemm block, kNarrowOutput channels) and its
-// depthwise result at least twice as wide (the inverted-residual projections of MobileNet and
-// EfficientNet), the intermediate is most of the unit's memory traffic and the product too short
-// for the library's blocking to matter: tiled. Everywhere else oneDNN's own convolution, with all
-// of its cache blocking: materialized. In half precision the intermediate has half the bytes and
-// brgemm's fp32 output has to be converted per block, so materialized throughout.
-constexpr int64_t kNarrowOutput = 64;
-
-Strategy choose_strategy(int64_t C, int64_t Cout, at::ScalarType x_dtype, at::ScalarType product_dtype) {
+// The strategy for a unit (see the top of the file).
+//
+// fp32: tiled. Its blocked sums (run_tiled) keep each unit's rounding error well under eager's,
+// where the materialized product is eager's own convolution and adds the BatchNorm fold's
+// rounding to eager's error: summed over a deep network that comes out past twice eager's, the
+// exactness rule's bound. The materialized product's one large oneDNN GEMM runs a little faster
+// on the units whose arithmetic dwarfs their memory traffic (README, CPU kernel, gives the
+// measurements), not by enough to trade exactness for.
+// Half precision (bf16, fp16; fp32 under the bf16 precision setting): materialized, always. The
+// output's rounding dwarfs the sums' order, the intermediate has half the bytes, and oneDNN's
+// convolution converts its fp32 accumulators inside its kernel, where brgemm's come out in fp32
+// to be converted per block: a tiled bf16 product (AMX brgemm, VNNI-packed weights) measured
+// slower than the materialized one on nearly every unit (README, CPU kernel).
+Strategy choose_strategy(at::ScalarType x_dtype, at::ScalarType product_dtype) {
   if (!kHasBrgemm || x_dtype == at::kDouble || product_dtype != at::kFloat) return kMaterialized;
-  return Cout <= kNarrowOutput && C >= 2 * Cout ? kTiled : kMaterialized;
+  return kTiled;
 }
 
-Strategy parse_strategy(c10::string_view name, int64_t C, int64_t Cout, at::ScalarType x_dtype,
-                        at::ScalarType product_dtype) {
-  if (name == "auto") return choose_strategy(C, Cout, x_dtype, product_dtype);
+Strategy parse_strategy(c10::string_view name, at::ScalarType x_dtype, at::ScalarType product_dtype) {
+  if (name == "auto") return choose_strategy(x_dtype, product_dtype);
   if (name == "tiled") {
-    TORCH_CHECK_VALUE(kHasBrgemm && x_dtype != at::kDouble,
-                      "pack_cpu: strategy 'tiled' needs cpublas::brgemm (torch built with oneDNN) and x of "
-                      "float32, bfloat16 or float16, got ", x_dtype);
+    TORCH_CHECK_VALUE(kHasBrgemm && x_dtype == at::kFloat && product_dtype == at::kFloat,
+                      "pack_cpu: strategy 'tiled' multiplies in fp32 with cpublas::brgemm: it needs a torch built "
+                      "with oneDNN and float32 x (without the bf16 precision setting), got ", x_dtype,
+                      " x multiplied in ", product_dtype);
     return kTiled;
   }
   TORCH_CHECK_VALUE(name == "materialized", "pack_cpu: strategy must be 'auto', 'tiled' or 'materialized', got '",
@@ -544,19 +506,13 @@ Strategy parse_strategy(c10::string_view name, int64_t C, int64_t Cout, at::Scal
 }
 
 // The chunk of K whose fp32 partial sums the tiled product adds up (run_tiled).
-constexpr int64_t kFp32SumDepth = 64;
+constexpr int64_t kFp32SumDepth = 128;
 
 int64_t block_width_for(int64_t Cout) {
   // brgemm's block of output channels: 64 wide (the widest cpublas::pack takes), narrower (a whole
   // number of vectors) for units with fewer output channels, so that little of the block is
   // padding.
   return std::min<int64_t>(64, (Cout + 15) / 16 * 16);
-}
-
-// The dtype the tiled product's operands are stored in: the product dtype where brgemm multiplies
-// it, else fp32 (holding values rounded to the product dtype).
-at::ScalarType tiled_operand_dtype(at::ScalarType product_dtype) {
-  return brgemm_multiplies(product_dtype) ? product_dtype : at::kFloat;
 }
 
 // Whether the materialized product runs as oneDNN's pointwise convolution with the prepacked weights
@@ -602,7 +558,7 @@ std::vector<at::Tensor> pack_cpu_impl(const at::Tensor& dw_weight, const std::op
   const int64_t C = dw_weight.size(0), k = dw_weight.size(2), Cout = pw_weight.size(0);
   const auto acc_dtype = x_dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto product_dtype = product_dtype_for(x_dtype);
-  const Strategy strategy = parse_strategy(strategy_name, C, Cout, x_dtype, product_dtype);
+  const Strategy strategy = parse_strategy(strategy_name, x_dtype, product_dtype);
   const auto opts = dw_weight.options().dtype(acc_dtype);
 
   auto header = at::zeros({kCpuHeaderLength}, at::dtype(at::kLong));
@@ -619,29 +575,16 @@ std::vector<at::Tensor> pack_cpu_impl(const at::Tensor& dw_weight, const std::op
   const auto w = pw_weight.detach().reshape({Cout, C});
   at::Tensor pointwise, pw_b;
   if (strategy == kTiled) {
-    const auto operand_dtype = tiled_operand_dtype(product_dtype);
-    const bool vnni = operand_dtype != at::kFloat;
     const int64_t block = block_width_for(Cout);
     const int64_t blocks = (Cout + block - 1) / block;
-    const int64_t depth = vnni ? (C + 1) / 2 * 2 : C;
     h[kBlockWidth] = block;
-    h[kDepth] = depth;
-    // Half-precision operands: the output's own rounding dwarfs the fp32 sum's, one chunk.
-    h[kSumDepth] = operand_dtype == at::kFloat && product_dtype == at::kFloat ? (getenv("XF_SUM_DEPTH") ? atoi(getenv("XF_SUM_DEPTH")) : kFp32SumDepth) : depth;
-    // [K][Cout] in the product dtype (rounded to it, even where fp32 holds it), zero-padded to
-    // whole blocks and to the depth.
-    auto kn = at::zeros({depth, blocks * block}, opts.dtype(operand_dtype));
-    kn.narrow(0, 0, C).narrow(1, 0, Cout).copy_(w.t().to(product_dtype));
-    pointwise = at::empty({blocks, depth * block}, opts.dtype(operand_dtype));
-    for (int64_t b = 0; b < blocks; ++b) {
-      const auto block_kn = kn.narrow(1, b * block, block).contiguous();
-      if (vnni) {
-        at::native::cpublas::pack(depth, block, block, block, operand_dtype, operand_dtype,
-                                  block_kn.const_data_ptr(), pointwise[b].data_ptr());
-      } else {
-        pointwise[b].copy_(block_kn.reshape({-1}));
-      }
-    }
+    h[kDepth] = C;
+    h[kSumDepth] = kFp32SumDepth;
+    // [block][C][block width]: each block of output channels a row-major K x N matrix, zero past
+    // Cout, as brgemm reads B.
+    auto kn = at::zeros({C, blocks * block}, opts.dtype(at::kFloat));
+    kn.narrow(1, 0, Cout).copy_(w.t());
+    pointwise = kn.reshape({C, blocks, block}).permute({1, 0, 2}).contiguous().reshape({blocks, C * block});
     pw_b = at::zeros({blocks * block}, opts.dtype(at::kFloat));
     if (pw_bias.has_value()) pw_b.narrow(0, 0, Cout).copy_(*pw_bias);
   } else {
@@ -665,12 +608,12 @@ struct Operands {
 };
 
 template <typename scalar_t, typename dst_t, typename acc_t>
-DepthwiseArgs<scalar_t, acc_t> depthwise_args(const Operands& o, at::ScalarType round_dtype) {
+DepthwiseArgs<scalar_t, acc_t> depthwise_args(const Operands& o) {
   const auto& s = o.s;
   return DepthwiseArgs<scalar_t, acc_t>{
       o.x.const_data_ptr<scalar_t>(), o.taps.const_data_ptr<acc_t>(), o.dw_bias.const_data_ptr<acc_t>(),
       s.N, s.C, s.H, s.W, s.Ho, s.Wo, s.k, s.stride, s.padding, s.dilation,
-      Activation<acc_t>(s.act_in), Activation<acc_t>(s.act_mid), round_dtype};
+      Activation<acc_t>(s.act_in), Activation<acc_t>(s.act_mid)};
 }
 
 // Tiles of output pixels x groups of output-channel blocks. A tile's depthwise rows stay within
@@ -698,25 +641,22 @@ TilePlan plan_tiles(int64_t M, int64_t depth, int64_t operand_size, int64_t bloc
   return p;
 }
 
-template <typename scalar_t, typename operand_t>
+// fp32 x: the tiles' depthwise rows and the product's accumulators are fp32.
 void run_tiled(Operands& o) {
   const auto& s = o.s;
   const int64_t M = s.N * s.Ho * s.Wo;
-  const int64_t block = o.header[kBlockWidth], depth = o.header[kDepth];
+  const int64_t block = o.header[kBlockWidth], depth = o.header[kDepth], sum_depth = o.header[kSumDepth];
   const int64_t blocks = (s.Cout + block - 1) / block;
-  const auto product_dtype = static_cast<at::ScalarType>(o.header[kProductDtype]);
-  constexpr bool vnni = !std::is_same_v<operand_t, float>;
-  const TilePlan plan = plan_tiles(M, depth, sizeof(operand_t), blocks);
-  const int64_t sum_depth = o.header[kSumDepth];
-  const auto dw = depthwise_args<scalar_t, operand_t, float>(o, product_dtype);
+  const TilePlan plan = plan_tiles(M, depth, sizeof(float), blocks);
+  const auto dw = depthwise_args<float, float, float>(o);
   const InAct in_act = in_act_kind(s.act_in);
-  const operand_t* pointwise = static_cast<const operand_t*>(o.pointwise.const_data_ptr());
+  const float* pointwise = o.pointwise.const_data_ptr<float>();
   const float* bias = o.pw_bias.const_data_ptr<float>();
-  const scalar_t* residual = o.residual.defined() ? o.residual.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* out = o.out.mutable_data_ptr<scalar_t>();
+  const float* residual = o.residual.defined() ? o.residual.const_data_ptr<float>() : nullptr;
+  float* out = o.out.mutable_data_ptr<float>();
 
   at::parallel_for(0, plan.tiles * plan.groups, 1, [&](int64_t item_begin, int64_t item_end) {
-    std::vector<operand_t> a(static_cast<size_t>(plan.tile_rows * depth), operand_t(0));
+    std::vector<float> a(static_cast<size_t>(plan.tile_rows * depth));
     std::vector<float> y(static_cast<size_t>(plan.tile_rows * block));
     std::vector<float> partial(sum_depth < depth ? y.size() : 0);
     int64_t rows_of = -1;  // the tile whose depthwise rows `a` holds
@@ -730,23 +670,21 @@ void run_tiled(Operands& o) {
       const int64_t b_end = std::min(blocks, (group + 1) * plan.blocks_per_group);
       for (int64_t b = group * plan.blocks_per_group; b < b_end; ++b) {
         const int64_t co0 = b * block, cols = std::min(block, s.Cout - co0);
-        const operand_t* w = pointwise + b * depth * block;
+        const float* w = pointwise + b * depth * block;
         // The product over K in chunks of sum_depth, each chunk's partial sums added to the
-        // tile's: rounding error then grows with sum_depth + K / sum_depth rather than with K, as
-        // in oneDNN's own blocked reductions (one running sum over K = 1024 measured several
-        // times less exact than eager's convolution in fp32).
+        // tile's: rounding error then grows with sum_depth + K / sum_depth rather than with K
+        // (brgemm's, and oneDNN's convolution's, running sum over K).
         at::native::cpublas::brgemm(rows, block, std::min(sum_depth, depth), depth, block, block, false, a.data(), w,
-                                    y.data(), vnni);
+                                    y.data());
         for (int64_t k0 = sum_depth; k0 < depth; k0 += sum_depth) {
           at::native::cpublas::brgemm(rows, block, std::min(sum_depth, depth - k0), depth, block, block, false,
-                                      a.data() + k0, w + k0 * block, partial.data(), vnni);
+                                      a.data() + k0, w + k0 * block, partial.data());
           add_rows(partial.data(), y.data(), rows * block);
         }
         epilogue_rows(y.data(), block, rows, cols, bias + co0, s.act_out,
                       residual ? residual + p0 * s.Cout + co0 : nullptr, out + p0 * s.Cout + co0, s.Cout);
       }
     }
-    if constexpr (vnni) at::native::cpublas::brgemm_release(vnni);
   });
 }
 
@@ -791,7 +729,7 @@ void run_materialized(Operands& o) {
   const int64_t M = s.N * s.Ho * s.Wo;
   // The intermediate in x's dtype, as eager's depthwise conv writes it.
   auto d = at::empty({s.N, s.C, s.Ho, s.Wo}, o.x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const auto dw = depthwise_args<scalar_t, scalar_t, acc_t>(o, o.x.scalar_type());
+  const auto dw = depthwise_args<scalar_t, scalar_t, acc_t>(o);
   const InAct in_act = in_act_kind(s.act_in);
   scalar_t* d_ptr = d.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) { depthwise_rows(dw, in_act, b, e, d_ptr + b * s.C, s.C); });
@@ -854,26 +792,16 @@ at::Tensor sepconv_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const s
       run_materialized<scalar_t>(o);
       return;
     }
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK_VALUE(false, "sepconv: packed weights for the tiled product cannot run float64 x");
-    } else {
+    if constexpr (std::is_same_v<scalar_t, float>) {
       const int64_t blocks = (s.Cout + o.header[kBlockWidth] - 1) / o.header[kBlockWidth];
-      const auto operand_dtype = o.pointwise.scalar_type();
-      TORCH_CHECK_VALUE(o.pointwise.numel() == blocks * o.header[kDepth] * o.header[kBlockWidth] &&
-                            o.pw_bias.numel() == blocks * o.header[kBlockWidth] && o.pointwise.is_contiguous(),
+      TORCH_CHECK_VALUE(o.pointwise.scalar_type() == at::kFloat && o.pointwise.is_contiguous() &&
+                            o.pointwise.numel() == blocks * o.header[kDepth] * o.header[kBlockWidth] &&
+                            o.pw_bias.numel() == blocks * o.header[kBlockWidth],
                         "sepconv: packed weights do not hold this unit's pointwise blocks");
-      // The operands are fp32, or the product's half-precision dtype (x's own; bf16 for fp32 x
-      // under the bf16 precision setting).
-      constexpr bool bf16_operands = !std::is_same_v<scalar_t, c10::Half>;
-      if (operand_dtype == at::kFloat) {
-        run_tiled<scalar_t, float>(o);
-      } else if (bf16_operands && operand_dtype == at::kBFloat16) {
-        run_tiled<scalar_t, std::conditional_t<bf16_operands, c10::BFloat16, float>>(o);
-      } else {
-        TORCH_CHECK_VALUE(!bf16_operands && operand_dtype == at::kHalf, "sepconv: packed pointwise weights of dtype ",
-                          operand_dtype, " for x of dtype ", x.scalar_type());
-        run_tiled<scalar_t, std::conditional_t<bf16_operands, float, c10::Half>>(o);
-      }
+      run_tiled(o);
+    } else {
+      TORCH_CHECK_VALUE(false, "sepconv: packed weights for the tiled product run float32 x only, got ",
+                        x.scalar_type());
     }
   });
   return o.out.contiguous(memory_format);
