@@ -39,7 +39,7 @@ def results():
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter):
-    if _results is None or not (_results.rows or _results.memory):
+    if _results is None or not (_results.rows or _results.memory or _results.exactness):
         return
     chart = _results.write_chart()
     terminalreporter.write_sep("=", "xception_fast: speedups and roofline")

@@ -83,6 +83,7 @@ class Results:
         self.env, self.peaks, self.out_dir = env, peaks, out_dir
         self.rows = []
         self.memory = []  # one record per training-step memory comparison (test_memory)
+        self.exactness = []  # one record per model (test_exactness)
         os.makedirs(out_dir, exist_ok=True)
 
     def path(self, ext):
@@ -111,6 +112,14 @@ class Results:
         self.rows.append({**info, "group": case.group, "panel": case.panel, "row": case.row,
                           "median_s": median, "min_s": stats.min, "mean_s": stats.mean,
                           "stddev_s": stats.stddev, "rounds": stats.rounds})
+        self.write_tables()
+
+    def add_exactness(self, benchmark, record):
+        """Attach a model's fuse() counts and logit error ratios to the benchmark and keep them for
+        the summary."""
+        record = {"device": self.env["device"], "torch": self.env["torch"], **record}
+        benchmark.extra_info.update(record)
+        self.exactness.append(record)
         self.write_tables()
 
     def add_memory(self, benchmark, record):
@@ -189,6 +198,17 @@ class Results:
                      f"{100 * r['roofline_fraction']:.1f} %", _slower(r, s)]
             lines.append("| " + " | ".join(cells) + " |")
         lines += self._verdicts(speedups)
+        if self.exactness:
+            lines += ["", "## What fuse() does to each model", "",
+                      "Depthwise convs fused (of all the model's), residual adds taken into the kernel, other convs "
+                      "with BatchNorm folded; and the logits' max abs error of the fused model over eager's in the "
+                      "same precision, both against a float64 run (random weights and BatchNorm statistics, batch "
+                      "2; the exactness rule allows 2).", "",
+                      "| model | fused / depthwise | with residual | folded convs | fp32 | bf16 | bf16 autocast |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
+            for e in self.exactness:
+                lines.append(f"| {e['model']} | {e['fused_units']} / {e['units']} | {e['with_residual']} "
+                             f"| {e['folded_convs']} | {e['fp32']:.2f} | {e['bf16']:.2f} | {e['amp-bf16']:.2f} |")
         if self.memory:
             lines += ["", "## Memory, one training step", "",
                       "Peak of live tensor memory during one training step (forward, cross-entropy, backward, SGD "
@@ -251,8 +271,8 @@ class Results:
 
     def write_tables(self):
         with open(self.path("json"), "w") as f:
-            json.dump({"environment": self.env, "peaks": self.peaks, "results": self.rows, "memory": self.memory},
-                      f, indent=1)
+            json.dump({"environment": self.env, "peaks": self.peaks, "results": self.rows, "memory": self.memory,
+                       "exactness": self.exactness}, f, indent=1)
         with open(self.path("md"), "w") as f:
             f.write(self.markdown())
 
@@ -333,6 +353,7 @@ def main(argv=None):
     results = Results(data["environment"], data["peaks"], os.path.dirname(os.path.abspath(path)))
     results.rows = data["results"]
     results.memory = data.get("memory", [])
+    results.exactness = data.get("exactness", [])
     results.write_tables()
     chart = results.write_chart()
     print(f"written: {results.path('md')}" + (f", {chart}" if chart else " (no chart: matplotlib is not installed)"))

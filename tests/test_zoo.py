@@ -44,7 +44,10 @@ def built(name):
         make, size, *_ = FAMILIES[name]
         eager = randomize_model_(make(), seed=len(_built) + 1).eval()
         fused, report = xception_fast.fuse(copy.deepcopy(eager), backend="cpu")
-        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(7))
+        # Eight inputs: the rule compares the largest logit error of each side, and over a handful
+        # of logits that maximum is one draw of a wide distribution (deep networks amplify some
+        # rounding differences far more than others, for eager and fused alike).
+        x = torch.randn(8, 3, *size, generator=torch.Generator().manual_seed(7))
         with torch.no_grad():
             reference = copy.deepcopy(eager).double()(x.double())
         _built.clear()  # one family at a time: the largest hold a few hundred MB in float64

@@ -74,6 +74,11 @@ _DROP_PATH = tuple(c for c in (_optional_class("timm.layers.drop", "DropPath"),
                                _optional_class("torchvision.ops.stochastic_depth", "StochasticDepth")) if c)
 
 
+# The op's activations as oneDNN's convolution post-ops (mkldnn::_convolution_pointwise's attr).
+_ONEDNN_ACTIVATIONS = {"identity": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
+                       "hardswish": ("hardswish", [])}
+
+
 def _act_name(m):
     """The op's name for activation module m, or None if the op has no such activation."""
     name = _OP_ACTIVATIONS.get(type(m))
@@ -198,6 +203,27 @@ class _FusedConv:
                             0, self.dilation, self.groups)
         return self._conv_forward(x, weight, bias)
 
+    def _conv_with_float32_bias(self, x, weight, bias, act):
+        """This conv with half-precision weights plus a float32 bias, the sum rounded once to the
+        conv's half-precision result (where eager's BatchNorm rounds its output; a half-precision
+        conv bias would be rounded before the add). On a CPU with oneDNN that is one convolution
+        with the bias, and the activation module ``act``, in its epilogue; elsewhere an add into
+        the conv's result. Returns (result, the activation still to apply or None)."""
+        padding = self.padding if self._conv_class is nn.Conv2d else (0, 0)
+        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                and self.padding_mode == "zeros" and not isinstance(padding, str)):
+            if self._conv_class is not nn.Conv2d:
+                x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
+            name = "identity" if act is None else _act_name(act)
+            if name is not None:
+                attr, scalars = _ONEDNN_ACTIVATIONS[name]
+                y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), list(self.stride),
+                                                            list(self.dilation), self.groups, attr, scalars, None)
+                return y, None
+        # In place: the float32 sum is rounded once, into the conv's half-precision result.
+        return self._conv_with(x, weight, None).add_(bias.reshape(-1, 1, 1)), act
+
     def _forget(self):
         # Whenever this module runs a BatchNorm of its unit as a module (train mode), the BatchNorm
         # may update its running statistics: the next fold starts afresh, whatever the key says.
@@ -237,7 +263,7 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
     conv bias would be rounded before the add).
     """
 
-    def forward(self, x, bn=None):
+    def forward(self, x, bn=None, act=None):
         if bn is None:
             return self.conv_alone(x)
         bn_act = _is_bn_act(bn)
@@ -248,7 +274,8 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
             # exactness, so such a conv runs as its two modules. Float64 ones too: the fold is
             # float32 by contract (contract.fold_bn), coarser than the model.
             self._forget()  # bn may update its running statistics
-            return bn(self.conv_alone(x))
+            y = bn(self.conv_alone(x))
+            return y if act is None else act(y)
         dtype = _compute_dtype(x)
         sources = (self.weight, self.bias) + _bn_sources(bn)
 
@@ -261,12 +288,16 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
             weight, bias = self._cached(key, make)
         else:
             weight, bias = make()
+        if bn_act:
+            # timm's BatchNormAct2d: its activation is the one after the BatchNorm (its drop is an
+            # identity here, checked above).
+            act = None if type(bn.act) is nn.Identity else bn.act
         if dtype in _HALF:
-            # In place: the float32 sum is rounded once, into the conv's half-precision result.
-            y = self._conv_with(x, weight, None).add_(bias.reshape(-1, 1, 1))
+            # Under autocast x may come in float32; the conv would cast it as eager's does.
+            y, act = self._conv_with_float32_bias(x.to(dtype), weight, bias, act)
         else:
             y = self._conv_with(x, weight, bias)
-        return bn.act(bn.drop(y)) if bn_act else y
+        return y if act is None else act(y)
 
     def extra_repr(self):
         return super().extra_repr() + ", BatchNorm folded in eval"
@@ -622,9 +653,10 @@ class _Unit:
 class _Fold:
     conv: fx.Node
     bn: fx.Node
+    act: fx.Node = None  # an activation module after the BatchNorm, applied by FusedConv2dBN
 
     def nodes(self):
-        return [self.conv, self.bn]
+        return [self.conv, self.bn] + ([self.act] if self.act is not None else [])
 
 
 def _describe(node, modules):
@@ -861,7 +893,16 @@ def _match(graph, modules, calls, only=None):
         # Any activation: FusedConv2dBN calls the BatchNorm's own act module after the folded conv.
         if modules[bn.target].num_features != m.out_channels:
             continue
-        if _interleaved_problem([conv, bn], {conv.args[0]}, order, modules) is None:
+        # An activation that takes the BatchNorm's result alone goes into the fold too, where the
+        # conv can apply it in its epilogue.
+        act, _ = _single_module_user(bn, modules)
+        if act is None or act in taken or _act_name(modules[act.target]) is None or not called_once(act) or (
+                _is_bn_act(modules[bn.target])):
+            act = None
+        chain = [conv, bn] + ([act] if act is not None else [])
+        if _interleaved_problem(chain, {conv.args[0]}, order, modules) is None:
+            folds[conv.target] = _Fold(conv, bn, act)
+        elif act is not None and _interleaved_problem([conv, bn], {conv.args[0]}, order, modules) is None:
             folds[conv.target] = _Fold(conv, bn)
     return units, folds, refusals
 
@@ -1082,11 +1123,15 @@ def _rewrite(graph, units, folds, modules):
         for node in reversed(unit.nodes()):
             graph.erase_node(node)
     for fold in folds:
-        with graph.inserting_before(fold.bn):
-            call = graph.call_module(fold.conv.target, fold.conv.args, {"bn": graph.get_attr(fold.bn.target)})
-        fold.bn.replace_all_uses_with(call)
-        graph.erase_node(fold.bn)
-        graph.erase_node(fold.conv)
+        last = fold.act if fold.act is not None else fold.bn
+        with graph.inserting_before(last):
+            kwargs = {"bn": graph.get_attr(fold.bn.target)}
+            if fold.act is not None:
+                kwargs["act"] = graph.get_attr(fold.act.target)
+            call = graph.call_module(fold.conv.target, fold.conv.args, kwargs)
+        last.replace_all_uses_with(call)
+        for node in reversed(fold.nodes()):
+            graph.erase_node(node)
     for node in graph.nodes:
         node.meta = {}
     graph.lint()

@@ -156,11 +156,13 @@ inline __attribute__((always_inline)) void store_vector(dst_t* dst, const vec_of
 
 template <typename acc_t>
 struct Activation {
+  bool identity = true;
   bool hardswish = false;
   acc_t lo = -std::numeric_limits<acc_t>::infinity();
   acc_t hi = std::numeric_limits<acc_t>::infinity();
 
   explicit Activation(Act act) {
+    identity = act == Act::kIdentity;
     hardswish = act == Act::kHardswish;
     if (act == Act::kRelu || act == Act::kRelu6) lo = 0;
     if (act == Act::kRelu6) hi = 6;
@@ -182,6 +184,7 @@ struct Activation {
 
   template <typename V>
   inline __attribute__((always_inline)) V operator()(V v) const {
+    if (identity) return v;  // the common case, a predictable branch in place of a clamp to +-inf
     return hardswish ? hardswish_of(v) : clamp(v);
   }
 };
@@ -237,7 +240,7 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
                                                                 dst_t* __restrict__ dst, int64_t ld_dst) {
   using vec_t = vec_of<acc_t>;
   constexpr int64_t lanes = kLanes<acc_t>;
-  constexpr int64_t kGroup = 4;
+  constexpr int64_t kGroup = 2;
   constexpr int64_t kMaxK = 7;
   const int64_t k = KS > 0 ? KS : a.k;
   const int64_t C = a.C, W = a.W, stride = a.stride, pad = a.padding, dil = a.dilation;
