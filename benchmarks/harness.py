@@ -156,16 +156,17 @@ _CPU_UNIT = ("eager_cl", "fused_cpu")
 _CPU_MODEL = ("eager_cl", "compile", "fused_cpu", "fused_cpu_compiled")
 
 # Per device and profile: kind -> [(dtype or precision, batch, contenders, targets)] (targets: the
-# unit shapes (None: all of UNIT_SHAPES), or the model names ("selected": selected_models())). On a CPU the per-layer matrix is the CPU issue's: every unit at
-# batch 1, 8 and 32 in fp32 and bf16 against eager channels_last, and torch.compile at batch 8 fp32;
-# the models at batch 8 (fp32, bf16 autocast) and 1 (fp32); a training step of Xception at batch 4.
+# unit shapes (None: all of UNIT_SHAPES), or the model names ("selected": selected_models())). On a
+# CPU the per-layer matrix is the CPU issue's: every unit at batch 1, 8 and 32 in fp32 and bf16
+# against eager channels_last, and torch.compile at batch 8 fp32; the models at batch 8 and 1
+# (fp32, bf16 autocast); a training step of Xception at batch 4.
 MATRIX = {
     ("cpu", "full"): {
         "unit": [("fp32", 8, ("eager_cl", "compile", "fused_cpu"), None), ("bf16", 8, _CPU_UNIT, None),
                  ("fp32", 1, _CPU_UNIT, None), ("bf16", 1, _CPU_UNIT, None),
                  ("fp32", 32, _CPU_UNIT, None), ("bf16", 32, _CPU_UNIT, None)],
-        "infer": [("fp32", 8, _CPU_MODEL, "selected"), ("amp-bf16", 8, ("eager_cl", "compile", "fused_cpu"), "selected"),
-                  ("fp32", 1, ("eager_cl", "compile", "fused_cpu"), "selected")],
+        "infer": [("fp32", 8, _CPU_MODEL, "selected"), ("amp-bf16", 8, _CPU_MODEL[:3], "selected"),
+                  ("fp32", 1, _CPU_MODEL[:3], "selected"), ("amp-bf16", 1, _CPU_MODEL[:3], "selected")],
         "train": [("fp32", 4, ("eager_cl", "fused_cpu"), ("Xception",))],
     },
     ("cpu", "quick"): {
@@ -225,7 +226,8 @@ class Case:
         """The summary's section (one table, one chart panel)."""
         if self.kind == "unit":
             return f"Per layer, {self.dtype}, batch {self.batch}"
-        return f"Whole model, {'inference' if self.kind == 'infer' else 'training step'}, {self.dtype}, batch {self.batch}"
+        what = "inference" if self.kind == "infer" else "training step"
+        return f"Whole model, {what}, {self.dtype}, batch {self.batch}"
 
     @property
     def row(self):

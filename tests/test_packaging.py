@@ -21,7 +21,8 @@ NO_COMPILER = textwrap.dedent("""
     with torch.no_grad():
         fused(torch.randn(1, 3, 71, 71))
     g = torch.Generator().manual_seed(0)
-    x, dw, pw = torch.randn(2, 8, 5, 6, generator=g), torch.randn(8, 1, 3, 3, generator=g), torch.randn(4, 8, 1, 1, generator=g)
+    x, dw = torch.randn(2, 8, 5, 6, generator=g), torch.randn(8, 1, 3, 3, generator=g)
+    pw = torch.randn(4, 8, 1, 1, generator=g)
     xception_fast.sepconv(x, dw, pw, stride=2, act_mid="relu6", backend="reference")
     if os.environ.get("TRITON_INTERPRET") == "1":
         y = xception_fast.sepconv(x, dw, pw, stride=2, act_mid="relu6", backend="triton")

@@ -147,8 +147,9 @@ def run(epochs=8, batch_size=10, size=71, seed=0, device="cpu", backend="auto", 
 
     The losses agree to rounding at step 1 only. The gradients of that step already differ by more
     in some tensors (README, Training): where rounding puts a pre-activation on the other side of
-    zero or breaks a max-pool tie, the two models take different ReLU / argmax decisions. So the weights move apart and the curves drift as any two fp32 runs of this network
-    in different summation orders do (an eager channels_last copy drifts as far from eager).
+    zero or breaks a max-pool tie, the two models take different ReLU / argmax decisions. So the
+    weights move apart and the curves drift as any two fp32 runs of this network in different
+    summation orders do (an eager channels_last copy drifts as far from eager).
     """
     from .fusion import fuse
 

@@ -190,27 +190,20 @@ struct Activation {
 };
 
 // The activation on x as a compile-time kind: it runs on every tap's load, k * k times per input
-// element, where a clamp that does nothing still costs a vector operation.
-enum class InAct { kNone, kRelu, kRelu6, kHardswish };
+// element, where a clamp that does nothing still costs a vector operation. ReLU (Xception's)
+// and none (the inverted residuals') are their own kinds; ReLU6 and Hardswish go through the
+// runtime Activation.
+enum class InAct { kNone, kRelu, kOther };
 
 InAct in_act_kind(Act act) {
-  switch (act) {
-    case Act::kRelu:
-      return InAct::kRelu;
-    case Act::kRelu6:
-      return InAct::kRelu6;
-    case Act::kHardswish:
-      return InAct::kHardswish;
-    default:
-      return InAct::kNone;
-  }
+  if (act == Act::kIdentity) return InAct::kNone;
+  return act == Act::kRelu ? InAct::kRelu : InAct::kOther;
 }
 
 template <InAct IA, typename acc_t, typename V>
-inline __attribute__((always_inline)) V apply_in_act(V v) {
-  if constexpr (IA == InAct::kRelu || IA == InAct::kRelu6) v = v < acc_t(0) ? acc_t(0) : v;
-  if constexpr (IA == InAct::kRelu6) v = v > acc_t(6) ? acc_t(6) : v;
-  if constexpr (IA == InAct::kHardswish) v = Activation<acc_t>::hardswish_of(v);
+inline __attribute__((always_inline)) V apply_in_act(V v, const Activation<acc_t>& act) {
+  if constexpr (IA == InAct::kRelu) v = v < acc_t(0) ? acc_t(0) : v;
+  if constexpr (IA == InAct::kOther) v = act(v);
   return v;
 }
 
@@ -245,7 +238,7 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
   const int64_t k = KS > 0 ? KS : a.k;
   const int64_t C = a.C, W = a.W, stride = a.stride, pad = a.padding, dil = a.dilation;
   // Locals, so that the compiler keeps them in registers across the stores to dst.
-  const Activation<acc_t> mid = a.act_mid;
+  const Activation<acc_t> in = a.act_in, mid = a.act_mid;
   const acc_t* __restrict__ taps = a.taps;
   const acc_t* __restrict__ dw_bias = a.bias;
   // The lambdas are inlined by force: out of line they would be compiled outside the entry point's
@@ -276,7 +269,7 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
           const vec_t tap = load_vector<acc_t>(tap_row + kw * C);
 #pragma GCC unroll 4
           for (int64_t g = 0; g < G; ++g) {
-            acc[g] += apply_in_act<IA, acc_t>(load_vector<acc_t>(base + kw * tap_step + g * pixel_step)) * tap;
+            acc[g] += apply_in_act<IA, acc_t>(load_vector<acc_t>(base + kw * tap_step + g * pixel_step), in) * tap;
           }
         }
       }
@@ -289,8 +282,8 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
         acc_t acc = 0;
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t kw = 0; kw < k; ++kw) {
-            acc += apply_in_act<IA, acc_t>(elem_cast<acc_t>(in_rows[r][column + kw * tap_step + g * pixel_step + c0])) *
-                   taps[(tap_rows[r] * k + kw) * C + c0];
+            const scalar_t v = in_rows[r][column + kw * tap_step + g * pixel_step + c0];
+            acc += apply_in_act<IA, acc_t>(elem_cast<acc_t>(v), in) * taps[(tap_rows[r] * k + kw) * C + c0];
           }
         }
         out[g * ld_dst + c0] = elem_cast<dst_t>(finish(acc + dw_bias[c0]));
@@ -307,7 +300,7 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
         for (int64_t kw = 0; kw < k; ++kw) {
           const int64_t iw = iw0 + kw * dil;
           if (iw < 0 || iw >= W) continue;
-          acc += apply_in_act<IA, acc_t>(load_vector<acc_t>(in_rows[r] + iw * C + c0)) *
+          acc += apply_in_act<IA, acc_t>(load_vector<acc_t>(in_rows[r] + iw * C + c0), in) *
                  load_vector<acc_t>(taps + (tap_rows[r] * k + kw) * C + c0);
         }
       }
@@ -319,7 +312,8 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
         for (int64_t kw = 0; kw < k; ++kw) {
           const int64_t iw = iw0 + kw * dil;
           if (iw < 0 || iw >= W) continue;
-          acc += apply_in_act<IA, acc_t>(elem_cast<acc_t>(in_rows[r][iw * C + c0])) * taps[(tap_rows[r] * k + kw) * C + c0];
+          acc += apply_in_act<IA, acc_t>(elem_cast<acc_t>(in_rows[r][iw * C + c0]), in) *
+                 taps[(tap_rows[r] * k + kw) * C + c0];
         }
       }
       out[c0] = elem_cast<dst_t>(finish(acc + dw_bias[c0]));
@@ -372,8 +366,12 @@ template <typename scalar_t, typename dst_t, typename acc_t, InAct IA>
 inline __attribute__((always_inline)) void depthwise_rows_for_act(const DepthwiseArgs<scalar_t, acc_t>& a,
                                                                    int64_t p_begin, int64_t p_end, dst_t* dst,
                                                                    int64_t ld_dst) {
+  // The kernel sizes of the models (3: Xception, MobileNet; 5: EfficientNet, MnasNet) with their
+  // taps unrolled; the others (1, 7) through the general loop.
   if (a.k == 3) {
     depthwise_rows_impl<scalar_t, dst_t, acc_t, 3, IA>(a, p_begin, p_end, dst, ld_dst);
+  } else if (a.k == 5) {
+    depthwise_rows_impl<scalar_t, dst_t, acc_t, 5, IA>(a, p_begin, p_end, dst, ld_dst);
   } else {
     depthwise_rows_impl<scalar_t, dst_t, acc_t, 0, IA>(a, p_begin, p_end, dst, ld_dst);
   }
@@ -387,11 +385,8 @@ inline __attribute__((always_inline)) void depthwise_rows_for_act(const Depthwis
         return depthwise_rows_for_act<scalar_t, dst_t, acc_t, InAct::kNone>(a, p_begin, p_end, dst, ld_dst); \
       case InAct::kRelu:                                                                                  \
         return depthwise_rows_for_act<scalar_t, dst_t, acc_t, InAct::kRelu>(a, p_begin, p_end, dst, ld_dst); \
-      case InAct::kRelu6:                                                                                 \
-        return depthwise_rows_for_act<scalar_t, dst_t, acc_t, InAct::kRelu6>(a, p_begin, p_end, dst, ld_dst); \
-      case InAct::kHardswish:                                                                             \
-        return depthwise_rows_for_act<scalar_t, dst_t, acc_t, InAct::kHardswish>(a, p_begin, p_end, dst,   \
-                                                                                 ld_dst);                 \
+      case InAct::kOther:                                                                                 \
+        return depthwise_rows_for_act<scalar_t, dst_t, acc_t, InAct::kOther>(a, p_begin, p_end, dst, ld_dst); \
     }                                                                                                     \
   }
 XF_FOR_EACH_DEPTHWISE(XF_DEPTHWISE_ROWS)
@@ -695,12 +690,12 @@ void run_tiled(Operands& o) {
 // linked into libtorch with its symbols hidden.
 at::Tensor onednn_pointwise(const at::Tensor& d, const at::Tensor& w, const at::Tensor& bias, Act act,
                             const at::Tensor& residual) {
-  static const auto unary = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
-                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                                  at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                                                  c10::string_view, c10::List<std::optional<at::Scalar>>,
-                                                  std::optional<c10::string_view>)>();
+  static const auto unary =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
+                            at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view,
+                            c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
   static const auto binary =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
