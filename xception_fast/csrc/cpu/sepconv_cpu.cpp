@@ -23,6 +23,8 @@
 // where the CPU has them: oneDNN picks), the epilogue is fp32 and the output is rounded once. fp32
 // x multiplies in fp32, or in bf16 where PyTorch's setting for oneDNN convolutions allows it
 // (torch.backends.mkldnn.conv.fp32_precision = "bf16"), as nn.Conv2d does.
+#include <unistd.h>
+
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -425,10 +427,6 @@ inline __attribute__((always_inline)) void epilogue_rows_impl(const float* __res
   }
 }
 
-XF_CPU_CLONES void add_rows(const float* __restrict__ src, float* __restrict__ dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-}
-
 XF_CPU_CLONES void epilogue_rows(const float* y, int64_t ld_y, int64_t rows, int64_t cols, const float* bias,
                                  Act act_out, const float* residual, float* out, int64_t ld_out) {
   epilogue_rows_impl<float>(y, ld_y, rows, cols, bias, act_out, residual, out, ld_out);
@@ -614,24 +612,38 @@ DepthwiseArgs<scalar_t, acc_t> depthwise_args(const Operands& o) {
       Activation<acc_t>(s.act_in), Activation<acc_t>(s.act_mid)};
 }
 
-// Tiles of output pixels x groups of output-channel blocks. A tile's depthwise rows stay within
-// L2 next to the weights streaming past them; where that makes too few tiles for every thread to
-// have several (batch 1, small maps), the tiles shrink first (down to kMinTileRows), and only then
-// do the output channels split into groups, each of which computes the tile's depthwise rows
-// again.
+// Tiles of output pixels x groups of output-channel blocks. A tile's depthwise rows take half of
+// a core's L2, the other half left to the weights streaming past them: the larger the tile, the
+// fewer times the whole weight streams in from L3 (once per tile), which is what a unit with a
+// large weight (Xception's exit flow) loses to eager's convolution at large batches. Where that
+// makes too few tiles for every thread to have several (batch 1, small maps), the tiles shrink
+// first (down to kMinTileRows), and only then do the output channels split into groups, each of
+// which computes the tile's depthwise rows again. The tile count is a multiple of the thread
+// count, so that no thread waits on another's last tile.
 struct TilePlan {
   int64_t tile_rows, tiles, groups, blocks_per_group;
 };
 
 constexpr int64_t kMinTileRows = 32;
 
+int64_t l2_bytes_per_core() {
+  int64_t bytes = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+  // Where the platform does not say, the smallest L2 of current x86 server cores.
+  return bytes > 0 ? bytes : int64_t{512} << 10;
+}
+
 TilePlan plan_tiles(int64_t M, int64_t depth, int64_t operand_size, int64_t blocks) {
   TilePlan p;
-  const int64_t budget = int64_t{256} << 10;
-  const int64_t wanted = 4 * at::get_num_threads();
+  static const int64_t budget = l2_bytes_per_core() / 2;
+  const int64_t threads = at::get_num_threads(), wanted = 4 * threads;
   p.tile_rows = std::clamp<int64_t>(budget / (depth * operand_size) / 16 * 16, kMinTileRows, 256);
   const int64_t rows_for_enough_tiles = (M + wanted - 1) / wanted;
   p.tile_rows = std::max(kMinTileRows, std::min(p.tile_rows, (rows_for_enough_tiles + 15) / 16 * 16));
+  const int64_t balanced = ((M + p.tile_rows - 1) / p.tile_rows + threads - 1) / threads * threads;
+  p.tile_rows = std::max(kMinTileRows, ((M + balanced - 1) / balanced + 15) / 16 * 16);
   p.tiles = (M + p.tile_rows - 1) / p.tile_rows;
   p.groups = std::min(blocks, std::max<int64_t>(1, (wanted + p.tiles - 1) / p.tiles));
   p.blocks_per_group = (blocks + p.groups - 1) / p.groups;
@@ -656,7 +668,6 @@ void run_tiled(Operands& o) {
   at::parallel_for(0, plan.tiles * plan.groups, 1, [&](int64_t item_begin, int64_t item_end) {
     std::vector<float> a(static_cast<size_t>(plan.tile_rows * depth));
     std::vector<float> y(static_cast<size_t>(plan.tile_rows * block));
-    std::vector<float> partial(sum_depth < depth ? y.size() : 0);
     int64_t rows_of = -1;  // the tile whose depthwise rows `a` holds
     for (int64_t item = item_begin; item < item_end; ++item) {
       const int64_t tile = item / plan.groups, group = item % plan.groups;
@@ -669,15 +680,16 @@ void run_tiled(Operands& o) {
       for (int64_t b = group * plan.blocks_per_group; b < b_end; ++b) {
         const int64_t co0 = b * block, cols = std::min(block, s.Cout - co0);
         const float* w = pointwise + b * depth * block;
-        // The product over K in chunks of sum_depth, each chunk's partial sums added to the
-        // tile's: rounding error then grows with sum_depth + K / sum_depth rather than with K
-        // (brgemm's, and oneDNN's convolution's, running sum over K).
+        // The product over K in chunks of sum_depth, each chunk's sums added to the tile's:
+        // rounding error then grows with sum_depth + K / sum_depth rather than with K (brgemm's,
+        // and oneDNN's convolution's, running sum over K). brgemm with add_C sums a chunk in its
+        // registers from zero and adds C to it at the store (oneDNN's beta = 1), which is that
+        // blocked sum with no buffer of partial sums.
         at::native::cpublas::brgemm(rows, block, std::min(sum_depth, depth), depth, block, block, false, a.data(), w,
                                     y.data());
         for (int64_t k0 = sum_depth; k0 < depth; k0 += sum_depth) {
-          at::native::cpublas::brgemm(rows, block, std::min(sum_depth, depth - k0), depth, block, block, false,
-                                      a.data() + k0, w + k0 * block, partial.data());
-          add_rows(partial.data(), y.data(), rows * block);
+          at::native::cpublas::brgemm(rows, block, std::min(sum_depth, depth - k0), depth, block, block, true,
+                                      a.data() + k0, w + k0 * block, y.data());
         }
         epilogue_rows(y.data(), block, rows, cols, bias + co0, s.act_out,
                       residual ? residual + p0 * s.Cout + co0 : nullptr, out + p0 * s.Cout + co0, s.Cout);
