@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace xception_fast {
 
@@ -57,5 +58,15 @@ constexpr int64_t kGpuFormat = 0x5847;  // "XG"
 // Checks that `packed` was made for this unit in `format` for `product_dtype`; returns the header.
 std::vector<int64_t> check_packed_header(at::TensorList packed, int64_t format, const UnitShape& s,
                                          at::ScalarType product_dtype, int64_t expected_length);
+
+// The weights a call computes with: the packed list it was given, or else `pack()`'s, made for
+// this call and kept alive in `own`.
+template <typename Pack>
+at::TensorList packed_or_packing(const std::optional<at::TensorList>& packed, std::vector<at::Tensor>& own,
+                                 Pack&& pack) {
+  if (packed.has_value()) return *packed;
+  own = pack();
+  return own;
+}
 
 }  // namespace xception_fast

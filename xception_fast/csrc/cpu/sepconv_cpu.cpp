@@ -778,14 +778,10 @@ at::Tensor sepconv_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const s
   if (out.numel() == 0) return out.contiguous(memory_format);
 
   std::vector<at::Tensor> own;
-  at::TensorList weights;
-  if (packed.has_value()) {
-    weights = *packed;
-  } else {
-    own = pack_cpu_impl(dw_weight, dw_bias, pw_weight, pw_bias, x.scalar_type(), "auto",
-                        std::vector<int64_t>{s.N, s.C, s.Ho, s.Wo});
-    weights = own;
-  }
+  const at::TensorList weights = packed_or_packing(packed, own, [&] {
+    return pack_cpu_impl(dw_weight, dw_bias, pw_weight, pw_bias, x.scalar_type(), "auto",
+                         std::vector<int64_t>{s.N, s.C, s.Ho, s.Wo});
+  });
   Operands o{s, x_nhwc, res_nhwc, out};
   o.header = check_packed_header(weights, kCpuFormat, s, product_dtype_for(x.scalar_type()), kCpuPackedLength);
   o.taps = weights[1];

@@ -829,13 +829,8 @@ at::Tensor sepconv_cuda(const at::Tensor& x, const at::Tensor& dw_weight, const 
   if (out.numel() == 0) return out.contiguous(memory_format);
 
   std::vector<at::Tensor> own;
-  at::TensorList weights;
-  if (packed.has_value()) {
-    weights = *packed;
-  } else {
-    own = pack_gpu(dw_weight, dw_bias, pw_weight, pw_bias, s, x.scalar_type());
-    weights = own;
-  }
+  const at::TensorList weights = packed_or_packing(
+      packed, own, [&] { return pack_gpu(dw_weight, dw_bias, pw_weight, pw_bias, s, x.scalar_type()); });
   const GpuWeights g = check_packed_gpu(weights, s, x);
 
   switch (x.scalar_type()) {
