@@ -12,7 +12,7 @@ import xception_fast
 from exactness import Unit, assert_exact, eager, make_inputs, op_args, randomize_model_, reference64
 
 STRATEGIES = {"tiled": 0, "materialized": 1}  # the header's layout field
-SUM_DEPTH = 128  # kFp32SumDepth: a product deeper than this is summed in chunks
+SUM_DEPTH = 256  # kFp32SumDepth: a product deeper than this is summed in chunks
 
 
 def pack(tensors, dtype, strategy, output_size=None):

@@ -395,41 +395,28 @@ XF_FOR_EACH_DEPTHWISE(XF_DEPTHWISE_ROWS)
 #undef XF_DEPTHWISE_ROWS
 
 // ----------------------------------------------------------------------------------------------
-// Epilogue: out = act_out(y + bias) + residual, in fp32, rounded once to the output's dtype.
+// Epilogue: out = act_out(out + bias) + residual in place, on the block of the output that the
+// product has just stored (still in the core's cache), in fp32.
 
-template <typename scalar_t>
-inline __attribute__((always_inline)) void epilogue_rows_impl(const float* __restrict__ y, int64_t ld_y,
-                                                               int64_t rows, int64_t cols,
-                                                               const float* __restrict__ bias, Act act_out,
-                                                               const scalar_t* __restrict__ residual,
-                                                               scalar_t* __restrict__ out, int64_t ld_out) {
+XF_CPU_CLONES void epilogue_in_place(float* out, int64_t ld_out, int64_t rows, int64_t cols, const float* bias,
+                                     Act act_out, const float* residual) {
   using vec_t = vec_of<float>;
   constexpr int64_t lanes = kLanes<float>;
   const Activation<float> act(act_out);
   for (int64_t r = 0; r < rows; ++r) {
-    const float* yr = y + r * ld_y;
-    scalar_t* o = out + r * ld_out;
-    const scalar_t* res = residual ? residual + r * ld_out : nullptr;
+    float* o = out + r * ld_out;
+    const float* res = residual ? residual + r * ld_out : nullptr;
     int64_t j = 0;
     for (; j + lanes <= cols; j += lanes) {
-      vec_t v = load_vector<float>(yr + j);
-      if (bias) v += load_vector<float>(bias + j);
-      v = act(v);
+      vec_t v = act(load_vector<float>(o + j) + load_vector<float>(bias + j));
       if (res) v += load_vector<float>(res + j);
-      store_vector<scalar_t, float>(o + j, v);
+      store_vector<float, float>(o + j, v);
     }
     for (; j < cols; ++j) {
-      float v = yr[j] + (bias ? bias[j] : 0.0f);
-      v = act(v);
-      if (res) v += elem_cast<float>(res[j]);
-      o[j] = elem_cast<scalar_t>(v);
+      const float v = act(o[j] + bias[j]);
+      o[j] = res ? v + res[j] : v;
     }
   }
-}
-
-XF_CPU_CLONES void epilogue_rows(const float* y, int64_t ld_y, int64_t rows, int64_t cols, const float* bias,
-                                 Act act_out, const float* residual, float* out, int64_t ld_out) {
-  epilogue_rows_impl<float>(y, ld_y, rows, cols, bias, act_out, residual, out, ld_out);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -502,7 +489,7 @@ Strategy parse_strategy(c10::string_view name, at::ScalarType x_dtype, at::Scala
 }
 
 // The chunk of K whose fp32 partial sums the tiled product adds up (run_tiled).
-constexpr int64_t kFp32SumDepth = 128;
+constexpr int64_t kFp32SumDepth = 256;
 
 int64_t block_width_for(int64_t Cout) {
   // brgemm's block of output channels: 64 wide (the widest cpublas::pack takes), narrower (a whole
@@ -534,6 +521,33 @@ at::Tensor reorder_for_onednn(const at::Tensor& w, at::IntArrayRef input_size) {
   const std::vector<c10::SymInt> zeros{0, 0}, ones{1, 1};
   const std::vector<c10::SymInt> size(input_size.begin(), input_size.end());
   return reorder.call(w, zeros, ones, ones, 1, c10::SymIntArrayRef(size));
+}
+
+// [block][C][block width]: each block of output channels a row-major K x N matrix, zero past
+// Cout, as brgemm reads B. One pass over the [Cout][C] weight, in squares of kSquare x block that
+// stay in L1 while each is transposed: a plain strided transpose of a weight of several MB misses
+// the cache on nearly every read, and the op packs on every call that is not given packed weights
+// (torch.compile of a fused model).
+at::Tensor pointwise_blocks(const at::Tensor& w, int64_t block) {
+  constexpr int64_t kSquare = 64;
+  const int64_t Cout = w.size(0), C = w.size(1), blocks = (Cout + block - 1) / block;
+  auto packed = at::empty({blocks, C * block}, w.options());
+  const float* src = w.const_data_ptr<float>();
+  float* dst = packed.mutable_data_ptr<float>();
+  const int64_t squares = (C + kSquare - 1) / kSquare;
+  at::parallel_for(0, blocks * squares, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / squares, k0 = item % squares * kSquare, k1 = std::min(C, k0 + kSquare);
+      const int64_t cols = std::min(block, Cout - b * block);
+      float* out = dst + b * C * block;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float* column = src + b * block * C + k;
+        for (int64_t j = 0; j < cols; ++j) out[k * block + j] = column[j * C];
+        for (int64_t j = cols; j < block; ++j) out[k * block + j] = 0.0f;
+      }
+    }
+  });
+  return packed;
 }
 
 std::vector<at::Tensor> pack_cpu_impl(const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
@@ -576,11 +590,7 @@ std::vector<at::Tensor> pack_cpu_impl(const at::Tensor& dw_weight, const std::op
     h[kBlockWidth] = block;
     h[kDepth] = C;
     h[kSumDepth] = kFp32SumDepth;
-    // [block][C][block width]: each block of output channels a row-major K x N matrix, zero past
-    // Cout, as brgemm reads B.
-    auto kn = at::zeros({C, blocks * block}, opts.dtype(at::kFloat));
-    kn.narrow(1, 0, Cout).copy_(w.t());
-    pointwise = kn.reshape({C, blocks, block}).permute({1, 0, 2}).contiguous().reshape({blocks, C * block});
+    pointwise = pointwise_blocks(w.to(at::kFloat).contiguous(), block);
     pw_b = at::zeros({blocks * block}, opts.dtype(at::kFloat));
     if (pw_bias.has_value()) pw_b.narrow(0, 0, Cout).copy_(*pw_bias);
   } else {
@@ -667,7 +677,6 @@ void run_tiled(Operands& o) {
 
   at::parallel_for(0, plan.tiles * plan.groups, 1, [&](int64_t item_begin, int64_t item_end) {
     std::vector<float> a(static_cast<size_t>(plan.tile_rows * depth));
-    std::vector<float> y(static_cast<size_t>(plan.tile_rows * block));
     int64_t rows_of = -1;  // the tile whose depthwise rows `a` holds
     for (int64_t item = item_begin; item < item_end; ++item) {
       const int64_t tile = item / plan.groups, group = item % plan.groups;
@@ -680,19 +689,21 @@ void run_tiled(Operands& o) {
       for (int64_t b = group * plan.blocks_per_group; b < b_end; ++b) {
         const int64_t co0 = b * block, cols = std::min(block, s.Cout - co0);
         const float* w = pointwise + b * depth * block;
+        float* dst = out + p0 * s.Cout + co0;
         // The product over K in chunks of sum_depth, each chunk's sums added to the tile's:
         // rounding error then grows with sum_depth + K / sum_depth rather than with K (brgemm's,
         // and oneDNN's convolution's, running sum over K). brgemm with add_C sums a chunk in its
         // registers from zero and adds C to it at the store (oneDNN's beta = 1), which is that
-        // blocked sum with no buffer of partial sums.
-        at::native::cpublas::brgemm(rows, block, std::min(sum_depth, depth), depth, block, block, false, a.data(), w,
-                                    y.data());
+        // blocked sum with no buffer of partial sums. C is the output itself, so the epilogue
+        // then finds the block in cache and the output is written from the product's stores.
+        at::native::cpublas::brgemm(rows, cols, std::min(sum_depth, depth), depth, block, s.Cout, false, a.data(), w,
+                                    dst);
         for (int64_t k0 = sum_depth; k0 < depth; k0 += sum_depth) {
-          at::native::cpublas::brgemm(rows, block, std::min(sum_depth, depth - k0), depth, block, block, true,
-                                      a.data() + k0, w + k0 * block, y.data());
+          at::native::cpublas::brgemm(rows, cols, std::min(sum_depth, depth - k0), depth, block, s.Cout, true,
+                                      a.data() + k0, w + k0 * block, dst);
         }
-        epilogue_rows(y.data(), block, rows, cols, bias + co0, s.act_out,
-                      residual ? residual + p0 * s.Cout + co0 : nullptr, out + p0 * s.Cout + co0, s.Cout);
+        epilogue_in_place(dst, s.Cout, rows, cols, bias + co0, s.act_out,
+                          residual ? residual + p0 * s.Cout + co0 : nullptr);
       }
     }
   });
