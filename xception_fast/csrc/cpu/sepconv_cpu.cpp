@@ -8,9 +8,9 @@
 // - tiled (fp32): each thread takes tiles of output pixels (NHWC rows). A tile's depthwise result
 //   is computed into a buffer that stays in the core's cache and multiplied by the packed
 //   pointwise weights with oneDNN's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm:
-//   AVX2 or AVX-512, picked at run time), one block of output channels at a time; bias,
-//   activation and residual are applied to each block while it is in L1, before its one store.
-//   The depthwise intermediate never goes to memory.
+//   AVX2 or AVX-512, picked at run time), one block of output channels at a time, stored straight
+//   into the output; bias, activation and residual are applied to each block while it is still in
+//   the core's cache. The depthwise intermediate never goes to memory.
 // - materialized: the depthwise result of the whole batch goes to memory once, in x's dtype, and
 //   the product runs as one convolution over it: for bfloat16 oneDNN's 1x1 convolution with the
 //   weights reordered once into its blocked layout and bias, activation and residual as its
