@@ -95,15 +95,21 @@ def test_fp32_follows_the_mkldnn_precision_setting():
     # Large enough that eager's convolutions run in oneDNN (and so follow the setting) too.
     tensors, unit = make_inputs(4, 64, 96, 12, 12, unit=Unit(act_out="relu"), layout="channels_last", residual=True)
     ref = reference64(tensors, unit)
-    errors = {}
+    errors, eager_errors = {}, {}
     for precision in ("none", "bf16"):
         with fp32_convs_in(precision):
             got = xception_fast.sepconv(tensors["x"], tensors["dw_weight"], tensors["pw_weight"], tensors["pw_bias"],
                                         act_in="relu", act_out="relu", residual=tensors["residual"], backend="cpu")
             assert got.dtype == torch.float32
-            errors[precision] = assert_exact(got, eager(tensors, unit), ref, f"fp32_precision={precision}")[0]
-    # bf16 products keep 8 mantissa bits against fp32's 24: errors orders of magnitude apart.
-    assert errors["bf16"] > 100 * errors["none"], errors
+            expected = eager(tensors, unit)
+            errors[precision] = assert_exact(got, expected, ref, f"fp32_precision={precision}")[0]
+            eager_errors[precision] = (expected.double() - ref).abs().max().item()
+    # bf16 products keep 8 mantissa bits against fp32's 24: errors orders of magnitude apart. Whether
+    # eager's fp32 convolutions take the setting depends on the CPU (PyTorch honours it only where
+    # oneDNN has fast bf16 for them; an AMD EPYC with AVX512-BF16 and no AMX kept fp32): the kernel
+    # multiplies in bf16 exactly where eager does.
+    eager_in_bf16 = eager_errors["bf16"] > 100 * eager_errors["none"]
+    assert (errors["bf16"] > 100 * errors["none"]) == eager_in_bf16, (errors, eager_errors)
 
 
 def test_packed_weights_made_under_another_precision_setting_are_refused():

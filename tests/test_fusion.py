@@ -579,6 +579,59 @@ def test_torch_compile_fullgraph_of_fused_model(which, ours, mobilenet):
     assert_exact(logits(compiled, x), logits(model, x), reference(model, x))
 
 
+def _count_packs(monkeypatch):
+    packs = []
+    pack = xception_fast.ops.pack_weights
+
+    def counted(*args, **kwargs):
+        packs.append(args[0])
+        return pack(*args, **kwargs)
+
+    monkeypatch.setattr(xception_fast.ops, "pack_weights", counted)
+    return packs
+
+
+def test_torch_compile_keeps_packed_weights_until_a_weight_changes(mobilenet, monkeypatch):
+    fused, report = fuse(mobilenet)
+    packs = _count_packs(monkeypatch)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = randn(2, 3, 45, 39, seed=41).contiguous(memory_format=torch.channels_last)
+    check_exact(compiled, mobilenet, x, "compiled")
+    assert packs == ["cpu"] * report.count, "each unit packs once, when the graph first runs"
+    logits(compiled, x)
+    assert len(packs) == report.count, "the second call packs nothing"
+    # Weights and running statistics changed in place, as an optimizer step or load_state_dict
+    # changes them: the compiled model follows, without recompiling.
+    changed = copy.deepcopy(mobilenet)
+    with torch.no_grad():
+        for model in (fused, changed):
+            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+                if t.is_floating_point():
+                    t.mul_(1.5 if name.endswith("running_var") else 0.9)
+    check_exact(compiled, changed, x, "compiled, after the change")
+    assert len(packs) == 2 * report.count
+
+
+def test_opcheck_of_the_op_torch_compile_calls(mobilenet):
+    fused, _ = fuse(mobilenet)
+    owner = next(m for m in fused.modules() if isinstance(m, FusedSeparableConv2d))._owner_slot
+    g = torch.Generator().manual_seed(42)
+    c, cout = 5, 7
+
+    def bn(n):
+        return [torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g),
+                torch.rand(n, generator=g) + 0.5, torch.tensor(3)]
+
+    x = torch.randn(2, c, 9, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    dw, pw = torch.randn(c, 1, 3, 3, generator=g), torch.randn(cout, c, 1, 1, generator=g)
+    residual = torch.randn(2, cout, 9, 8, generator=g)
+    op = torch.ops.xception_fast.unit_with_cached_weights.default
+    torch.library.opcheck(op, (x, dw, None, bn(c), pw, None, bn(cout), [1e-3, 1e-5], residual, 1, 1, 1, "relu",
+                               "relu6", "identity", owner))
+    torch.library.opcheck(op, (x, dw, torch.randn(c, generator=g), [], pw, torch.randn(cout, generator=g), [],
+                               [0.0, 0.0], None, 2, 1, 1, "identity", "identity", "relu", owner))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -39,8 +39,11 @@ things change:
 """
 import collections
 import dataclasses
+import itertools
 import linecache
 import operator
+import weakref
+from typing import List, Optional
 
 import torch
 import torch.fx as fx
@@ -49,7 +52,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import ops
-from .contract import BACKENDS, KERNEL_SIZES, STRIDES, fold_bn
+from .contract import BACKENDS, KERNEL_SIZES, STRIDES, check_args, empty_output, fold_bn
 
 __all__ = ["FusedSeparableConv2d", "FusedConv2dBN", "FusedBlock", "FuseReport", "UnitReport", "fuse"]
 
@@ -143,15 +146,79 @@ def _tensor_key(t):
     return None if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
 
 
+def _needs_grad(tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _cacheable(tensors):
     """Whether a fold or pack of ``tensors`` may be kept for the next call: not while compiling
     (the fold is then part of the graph, and guards on versions would recompile), not where autograd
     needs it (it must be differentiable), and not for inference tensors (they have no version)."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if torch.compiler.is_compiling() or _needs_grad(tensors):
         return False
     return not any(t is not None and t.is_inference() for t in tensors)
+
+
+def _unit_weights(owner, dtype, backend, output_size, dw_weight, dw_bias, dw_bn, pw_weight, pw_bias, pw_bn, eps):
+    """(dw_weight, dw_bias, pw_weight, pw_bias, packed) for a unit's op (FusedSeparableConv2d._sources
+    gives the arguments after output_size): its BatchNorms folded and, where the fold may be kept
+    (``_cacheable``; ``owner``, the unit's conv, holds it), the weights packed for ``backend`` and
+    x of ``dtype``, cached per weight version."""
+    def fold(weight, bias, bn, bn_eps):
+        return (weight, bias) if not bn else fold_bn(weight, bn[0], bn[1], bn[2], bn[3], bn_eps, bias)
+
+    def make(pack):
+        dw_w, dw_b = fold(dw_weight, dw_bias, dw_bn, eps[0])
+        pw_w, pw_b = fold(pw_weight, pw_bias, pw_bn, eps[1])
+        packed = None
+        if pack and backend != "reference":
+            with torch.no_grad():
+                packed = ops.pack_weights(backend, dtype, dw_w, dw_b, pw_w, pw_b, output_size)
+        return dw_w, dw_b, pw_w, pw_b, packed
+
+    sources = (dw_weight, dw_bias, *dw_bn, pw_weight, pw_bias, *pw_bn)
+    if owner is None or not _cacheable(sources):
+        return make(pack=False)
+    # The kernels refuse packed weights made for another dtype or fp32 precision setting; the key
+    # holds what the pack depends on, so that a change repacks instead of failing.
+    key = (tuple(eps), dtype, backend, torch.is_inference_mode_enabled(),
+           _fp32_precision() if backend == "cpu" and dtype == torch.float32 else None, output_size)
+    return owner._cached(sources, key, lambda: make(pack=True))
+
+
+# The fused units' convs by a number, which a traced op can carry (an op takes no module).
+_UNIT_OWNERS = weakref.WeakValueDictionary()
+_NEXT_OWNER = itertools.count()
+
+
+def _register_owner(conv):
+    conv._owner_slot = next(_NEXT_OWNER)
+    _UNIT_OWNERS[conv._owner_slot] = conv
+
+
+@torch.library.custom_op("xception_fast::unit_with_cached_weights", mutates_args=(), device_types="cpu")
+def _unit_with_cached_weights(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
+                              dw_bn: List[Optional[torch.Tensor]], pw_weight: torch.Tensor,
+                              pw_bias: Optional[torch.Tensor], pw_bn: List[Optional[torch.Tensor]], eps: List[float],
+                              residual: Optional[torch.Tensor], stride: int, padding: int, dilation: int, act_in: str,
+                              act_mid: str, act_out: str, owner: int) -> torch.Tensor:
+    """A fused unit on the CPU as torch.compile runs it: the unit's own weights and BatchNorm
+    tensors (as FusedSeparableConv2d._sources lists them, the BatchNorms unfolded) in, the fold
+    and the pack looked up in the cache of the conv registered as ``owner``, made again when a
+    weight's version changed. Inference only: it has no autograd."""
+    shape = check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation, act_in, act_mid,
+                       act_out)
+    dw_w, dw_b, pw_w, pw_b, packed = _unit_weights(_UNIT_OWNERS.get(owner), x.dtype, "cpu", tuple(shape), dw_weight,
+                                                   dw_bias, dw_bn, pw_weight, pw_bias, pw_bn, eps)
+    return torch.ops.xception_fast.sepconv(x, dw_w, dw_b, pw_w, pw_b, residual, stride, padding, dilation, act_in,
+                                           act_mid, act_out, packed)
+
+
+@_unit_with_cached_weights.register_fake
+def _unit_with_cached_weights_fake(x, dw_weight, dw_bias, dw_bn, pw_weight, pw_bias, pw_bn, eps, residual, stride,
+                                   padding, dilation, act_in, act_mid, act_out, owner):
+    return empty_output(x, check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation,
+                                      act_in, act_mid, act_out))
 
 
 def _compute_dtype(x):
@@ -230,14 +297,17 @@ class _FusedConv:
         if not torch.compiler.is_compiling():
             self._fused_cache = None
 
-    def _cached(self, key, make):
+    def _cached(self, sources, key, make):
         # One entry: a weight version, dtype and setting at a time. A model that alternates between
-        # dtypes refolds on each switch, which costs a fold per switch, never a wrong result.
+        # dtypes refolds on each switch, which costs a fold per switch, never a wrong result. The
+        # entry holds the source tensors: while it lives, their memory cannot be handed to new
+        # tensors, so a key's addresses and versions name these tensors and no others.
+        key = (tuple(_tensor_key(t) for t in sources),) + key
         cache = self._fused_cache
         if cache is not None and cache[0] == key:
             return cache[1]
         value = make()
-        self._fused_cache = (key, value)
+        self._fused_cache = (key, value, sources)
         return value
 
     def __getstate__(self):
@@ -284,8 +354,7 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
             return (weight.to(dtype), bias) if dtype in _HALF else (weight.to(x.dtype), bias.to(x.dtype))
 
         if _cacheable(sources):
-            key = (tuple(_tensor_key(t) for t in sources), bn.eps, dtype, torch.is_inference_mode_enabled())
-            weight, bias = self._cached(key, make)
+            weight, bias = self._cached(sources, (bn.eps, dtype, torch.is_inference_mode_enabled()), make)
         else:
             weight, bias = make()
         if bn_act:
@@ -331,6 +400,7 @@ class FusedSeparableConv2d(_FusedConv, nn.Conv2d):
 
     def _adopt_unit(self, conv_class, backend, padding):
         self._adopt(conv_class, backend)
+        _register_owner(self)
         # None: timm's TensorFlow "same" padding, made by padding x before the op.
         self._op_padding = padding
 
@@ -418,44 +488,44 @@ class FusedSeparableConv2d(_FusedConv, nn.Conv2d):
 
     def _weights(self, x, dw_bn, pw, pw_bn, dtype, backend):
         """(dw_weight, dw_bias, pw_weight, pw_bias, packed) of the op, BatchNorms folded."""
-        sources = (self.weight, self.bias, pw.weight, pw.bias)
-        for bn in (dw_bn, pw_bn):
-            if bn is not None:
-                sources += _bn_sources(bn)
         # The CPU kernel lays oneDNN's weights out for the output's shape (other shapes would pay a
         # reorder per call).
         output_size = tuple(self._output_shape(x, pw)) if backend == "cpu" else None
+        return _unit_weights(self, dtype, backend, output_size, *self._sources(dw_bn, pw, pw_bn))
 
-        def make(pack):
-            dw_weight, dw_bias = (self.weight, self.bias) if dw_bn is None else _bn_fold(self.weight, self.bias, dw_bn)
-            pw_weight, pw_bias = (pw.weight, pw.bias) if pw_bn is None else _bn_fold(pw.weight, pw.bias, pw_bn)
-            packed = None
-            if pack and backend != "reference":
-                with torch.no_grad():
-                    packed = ops.pack_weights(backend, dtype, dw_weight, dw_bias, pw_weight, pw_bias, output_size)
-            return dw_weight, dw_bias, pw_weight, pw_bias, packed
-
-        if not _cacheable(sources):
-            return make(pack=False)
-        # The kernels refuse packed weights made for another dtype or fp32 precision setting; the
-        # key holds what the pack depends on, so that a change repacks instead of failing.
-        key = (tuple(_tensor_key(t) for t in sources), dw_bn is not None and dw_bn.eps,
-               pw_bn is not None and pw_bn.eps, dtype, backend, torch.is_inference_mode_enabled(),
-               _fp32_precision() if backend == "cpu" and dtype == torch.float32 else None, output_size)
-        return self._cached(key, lambda: make(pack=True))
+    def _sources(self, dw_bn, pw, pw_bn):
+        """What the op's weights are made of: (dw_weight, dw_bias, dw_bn, pw_weight, pw_bias, pw_bn,
+        eps), each BatchNorm as its _bn_sources (() for none) and eps their two epsilons."""
+        eps = [0.0 if bn is None else bn.eps for bn in (dw_bn, pw_bn)]
+        return (self.weight, self.bias, () if dw_bn is None else _bn_sources(dw_bn), pw.weight, pw.bias,
+                () if pw_bn is None else _bn_sources(pw_bn), eps)
 
     def _op(self, x, dw_bn, pw, pw_bn, act_in, act_mid, act_out, residual, dtype):
         backend = ops.resolve_backend(self.backend, x.device)
-        dw_weight, dw_bias, pw_weight, pw_bias, packed = self._weights(x, dw_bn, pw, pw_bn, dtype, backend)
         padding = self._op_padding
         if padding is None:
             # Zero padding commutes with the op's activations (each maps 0 to 0), so padding before
             # act_in is what Conv2dSame after the activation computes.
             x, padding = _pad_same(x, self.kernel_size, self.stride, self.dilation), 0
+        options = (self.stride[0], padding, self.dilation[0], act_in, act_mid, act_out)
+        if backend == "cpu" and torch.compiler.is_compiling():
+            dw_weight, dw_bias, dw_bn_sources, pw_weight, pw_bias, pw_bn_sources, eps = self._sources(dw_bn, pw, pw_bn)
+            if not _needs_grad((x, residual, dw_weight, dw_bias, pw_weight, pw_bias) + dw_bn_sources + pw_bn_sources):
+                # Traced, the cache's test of weight versions would be a guard per weight, so the
+                # fold and the pack would be redone in the graph on every call: this op looks the
+                # cache up when the graph runs. x is cast here as the op's autocast rule casts it.
+                return torch.ops.xception_fast.unit_with_cached_weights(
+                    x.to(dtype), dw_weight, dw_bias, list(dw_bn_sources), pw_weight, pw_bias, list(pw_bn_sources), eps,
+                    residual, *options, self._owner_slot)
+        dw_weight, dw_bias, pw_weight, pw_bias, packed = self._weights(x, dw_bn, pw, pw_bn, dtype, backend)
         # x is not cast under autocast: the op's autocast rule casts x and the residual itself.
-        return ops.sepconv(x, dw_weight, pw_weight, pw_bias, dw_bias=dw_bias, stride=self.stride[0], padding=padding,
-                           dilation=self.dilation[0], act_in=act_in, act_mid=act_mid, act_out=act_out,
-                           residual=residual, packed=packed, backend=backend)
+        return ops.sepconv(x, dw_weight, pw_weight, pw_bias, dw_bias=dw_bias, stride=options[0], padding=padding,
+                           dilation=options[2], act_in=act_in, act_mid=act_mid, act_out=act_out, residual=residual,
+                           packed=packed, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _register_owner(self)  # a copy or an unpickled module has a cache of its own
 
     def extra_repr(self):
         return super().extra_repr() + f", heads a fused separable unit (backend={self.backend!r})"
