@@ -612,6 +612,39 @@ def test_torch_compile_keeps_packed_weights_until_a_weight_changes(mobilenet, mo
     assert len(packs) == 2 * report.count
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_bf16_folded_convs_keep_onednn_weights_until_a_weight_changes(mobilenet, monkeypatch):
+    fused, report = fuse(mobilenet)
+    reorders = []
+    reorder = FusedConv2dBN._onednn_weight
+
+    def counted(self, weight, input_size):
+        reorders.append(input_size)
+        return reorder(self, weight, input_size)
+
+    monkeypatch.setattr(FusedConv2dBN, "_onednn_weight", counted)
+    x = randn(1, 3, 45, 39, seed=43).contiguous(memory_format=torch.channels_last)
+    ref = reference(mobilenet, x)
+
+    def check(eager, what):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, expected = logits(fused, x), logits(eager, x)
+        assert_exact(got.float(), expected.float(), ref if eager is mobilenet else reference(eager, x), what)
+
+    check(mobilenet, "bf16 autocast")
+    assert len(reorders) == len(report.folded), "each folded conv reorders its weight once"
+    check(mobilenet, "bf16 autocast, again")
+    assert len(reorders) == len(report.folded), "and never again for the same weights and input size"
+    changed = copy.deepcopy(mobilenet)
+    with torch.no_grad():
+        for model in (fused, changed):
+            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+                if t.is_floating_point():
+                    t.mul_(1.5 if name.endswith("running_var") else 0.9)
+    check(changed, "bf16 autocast, after the change")
+    assert len(reorders) == 2 * len(report.folded)
+
+
 def test_opcheck_of_the_op_torch_compile_calls(mobilenet):
     fused, _ = fuse(mobilenet)
     owner = next(m for m in fused.modules() if isinstance(m, FusedSeparableConv2d))._owner_slot

@@ -234,14 +234,19 @@ def _fp32_precision():
     return getattr(conv, "fp32_precision", None)
 
 
-def _pad_same(x, kernel_size, stride, dilation):
-    """TensorFlow's "same" padding of x for a conv, as timm's Conv2dSame pads (asymmetric where the
-    total is odd): integer arithmetic only, so that it also runs on symbolic sizes."""
+def _same_pads(shape, kernel_size, stride, dilation):
+    """F.pad's pads of TensorFlow's "same" padding for a conv of an input of ``shape``, as timm's
+    Conv2dSame pads (asymmetric where the total is odd): integer arithmetic only, so that it also
+    runs on symbolic sizes."""
     pads = []
-    for size, k, s, d in zip(reversed(x.shape[-2:]), reversed(kernel_size), reversed(stride), reversed(dilation)):
+    for size, k, s, d in zip(reversed(shape[-2:]), reversed(kernel_size), reversed(stride), reversed(dilation)):
         total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
         pads += [total // 2, total - total // 2]
-    return F.pad(x, pads)
+    return pads
+
+
+def _pad_same(x, kernel_size, stride, dilation):
+    return F.pad(x, _same_pads(x.shape, kernel_size, stride, dilation))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,24 +275,44 @@ class _FusedConv:
                             0, self.dilation, self.groups)
         return self._conv_forward(x, weight, bias)
 
-    def _conv_with_float32_bias(self, x, weight, bias, act):
+    def _in_onednn(self, x, dtype):
+        """Whether this conv of x in dtype runs as oneDNN's convolution with post-ops: bfloat16 on
+        a CPU with oneDNN."""
+        return (x.device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+                and torch.backends.mkldnn.enabled and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str))
+
+    def _onednn_input_size(self, x):
+        """The size of the input oneDNN's convolution takes for x (padded for timm's "same" rule)."""
+        if self._conv_class is nn.Conv2d:
+            return tuple(x.shape)
+        pads = _same_pads(x.shape, self.kernel_size, self.stride, self.dilation)
+        return tuple(x.shape[:2]) + (x.shape[2] + pads[2] + pads[3], x.shape[3] + pads[0] + pads[1])
+
+    def _onednn_weight(self, weight, input_size):
+        """weight in oneDNN's own layout for inputs of input_size: a plain one is reordered inside
+        every call, which at batch 1 costs as much as the convolution of a small 1x1 conv."""
+        padding = list(self.padding) if self._conv_class is nn.Conv2d else [0, 0]
+        return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, list(self.stride), list(self.dilation),
+                                                           self.groups, list(input_size))
+
+    def _conv_with_float32_bias(self, x, weight, bias, act, onednn_weight=None):
         """This conv with half-precision weights plus a float32 bias, the sum rounded once to the
         conv's half-precision result (where eager's BatchNorm rounds its output; a half-precision
         conv bias would be rounded before the add). On a CPU with oneDNN that is one convolution
-        with the bias, and the activation module ``act``, in its epilogue; elsewhere an add into
-        the conv's result. Returns (result, the activation still to apply or None)."""
-        padding = self.padding if self._conv_class is nn.Conv2d else (0, 0)
-        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-                and self.padding_mode == "zeros" and not isinstance(padding, str)):
+        with the bias, and the activation module ``act``, in its epilogue (with ``onednn_weight``,
+        the weight in oneDNN's layout for this input, if given); elsewhere an add into the conv's
+        result. Returns (result, the activation still to apply or None)."""
+        name = "identity" if act is None else _act_name(act)
+        if weight.dtype == torch.bfloat16 and self._in_onednn(x, x.dtype) and name is not None:
+            attr, scalars = _ONEDNN_ACTIVATIONS[name]
+            padding = self.padding
             if self._conv_class is not nn.Conv2d:
-                x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
-            name = "identity" if act is None else _act_name(act)
-            if name is not None:
-                attr, scalars = _ONEDNN_ACTIVATIONS[name]
-                y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), list(self.stride),
-                                                            list(self.dilation), self.groups, attr, scalars, None)
-                return y, None
+                x, padding = _pad_same(x, self.kernel_size, self.stride, self.dilation), (0, 0)
+            y = torch.ops.mkldnn._convolution_pointwise(x, weight if onednn_weight is None else onednn_weight,
+                                                        bias, list(padding), list(self.stride), list(self.dilation),
+                                                        self.groups, attr, scalars, None)
+            return y, None
         # In place: the float32 sum is rounded once, into the conv's half-precision result.
         return self._conv_with(x, weight, None).add_(bias.reshape(-1, 1, 1)), act
 
@@ -348,22 +373,30 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
             return y if act is None else act(y)
         dtype = _compute_dtype(x)
         sources = (self.weight, self.bias) + _bn_sources(bn)
+        cacheable = _cacheable(sources)
+        # Kept with the fold, the weight in oneDNN's layout for this input size (a reorder has no
+        # gradient, and traced it would run on every call: only for a cached fold).
+        input_size = self._onednn_input_size(x) if cacheable and self._in_onednn(x, dtype) else None
 
         def make():
             weight, bias = _bn_fold(self.weight, self.bias, bn)
-            return (weight.to(dtype), bias) if dtype in _HALF else (weight.to(x.dtype), bias.to(x.dtype))
+            if dtype not in _HALF:
+                return weight.to(x.dtype), bias.to(x.dtype), None
+            weight = weight.to(dtype)
+            return weight, bias, None if input_size is None else self._onednn_weight(weight, input_size)
 
-        if _cacheable(sources):
-            weight, bias = self._cached(sources, (bn.eps, dtype, torch.is_inference_mode_enabled()), make)
+        if cacheable:
+            weight, bias, onednn_weight = self._cached(
+                sources, (bn.eps, dtype, torch.is_inference_mode_enabled(), input_size), make)
         else:
-            weight, bias = make()
+            weight, bias, onednn_weight = make()
         if bn_act:
             # timm's BatchNormAct2d: its activation is the one after the BatchNorm (its drop is an
             # identity here, checked above).
             act = None if type(bn.act) is nn.Identity else bn.act
         if dtype in _HALF:
             # Under autocast x may come in float32; the conv would cast it as eager's does.
-            y, act = self._conv_with_float32_bias(x.to(dtype), weight, bias, act)
+            y, act = self._conv_with_float32_bias(x.to(dtype), weight, bias, act, onednn_weight)
         else:
             y = self._conv_with(x, weight, bias)
         return y if act is None else act(y)

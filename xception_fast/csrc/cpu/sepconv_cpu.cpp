@@ -526,8 +526,7 @@ at::Tensor reorder_for_onednn(const at::Tensor& w, at::IntArrayRef input_size) {
 // [block][C][block width]: each block of output channels a row-major K x N matrix, zero past
 // Cout, as brgemm reads B. One pass over the [Cout][C] weight, in squares of kSquare x block that
 // stay in L1 while each is transposed: a plain strided transpose of a weight of several MB misses
-// the cache on nearly every read, and the op packs on every call that is not given packed weights
-// (torch.compile of a fused model).
+// the cache on nearly every read, and the op packs on every call that is not given packed weights.
 at::Tensor pointwise_blocks(const at::Tensor& w, int64_t block) {
   constexpr int64_t kSquare = 64;
   const int64_t Cout = w.size(0), C = w.size(1), blocks = (Cout + block - 1) / block;

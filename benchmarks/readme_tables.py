@@ -1,0 +1,93 @@
+"""The README's measured tables, from the result files of CPU benchmark runs.
+
+    python -m benchmarks.readme_tables benchmarks/results/<cpu>.json [benchmarks/results/<cpu>-more-models.json]
+
+prints the models table (one row per model found in the files, in harness.MODELS' order) and the
+per-layer table (from the files that have units), as markdown. Every number is a ratio of medians
+from one run: "x eager" is a contender's median against the eager channels_last median timed in
+alternation with it, "x compile" torch.compile's median of the same case against the contender's.
+"""
+import json
+import sys
+
+from .harness import MODELS
+
+# The README's names for the models whose benchmark names say less.
+_LABELS = {"Xception": "Xception (this package's)", "xception41-os16": "xception41, output_stride=16",
+           "tv_mobilenet_v2": "torchvision mobilenet_v2"}
+_UNIT_COLUMNS = [("fp32", 1), ("fp32", 8), ("fp32", 32), ("bf16", 1), ("bf16", 8), ("bf16", 32)]
+
+
+def _ratio(value):
+    """A speedup to two decimals, bold where it rounds below 1 (slower)."""
+    text = f"{value:.2f}"
+    return f"**{text}**" if float(text) < 1 else text
+
+
+def _median(rows, contender, **where):
+    for r in rows:
+        if r["contender"] == contender and all(r[k] == v for k, v in where.items()):
+            return r
+    return None
+
+
+def _speedups(rows, fused, **where):
+    """"x eager / x compile" of contender ``fused`` in the case ``where``, or "not measured"."""
+    got, compiled = _median(rows, fused, **where), _median(rows, "compile", **where)
+    if got is None or compiled is None:
+        return "not measured"
+    return f"{_ratio(got['paired_baseline_median_s'] / got['median_s'])} / " \
+           f"{_ratio(compiled['median_s'] / got['median_s'])}"
+
+
+def models_table(runs):
+    rows = [r for run in runs for r in run["results"] if r["kind"] == "infer"]
+    exactness = {e["model"]: e for run in runs for e in run["exactness"]}
+    lines = ["| model | fused / depthwise | logit error ratio fp32 / bf16 / bf16 autocast | fp32 b1 | fp32 b8 "
+             "| bf16 autocast b1 | bf16 autocast b8 | compiled fused / compiled eager, fp32 b8 |",
+             "|---|---:|---|---|---|---|---|---:|"]
+    for name, spec in MODELS.items():
+        shape = f"{name} {spec.size}²"
+        if name not in exactness and not any(r["shape"] == shape for r in rows):
+            continue
+        e = exactness.get(name)
+        fused = f"{e['fused_units']} / {e['units']}" if e else "not measured"
+        errors = " / ".join(f"{e[p]:.2f}" for p in ("fp32", "bf16", "amp-bf16")) if e else "not measured"
+        cells = [_speedups(rows, "fused_cpu", shape=shape, dtype=dtype, batch=batch)
+                 for dtype, batch in (("fp32", 1), ("fp32", 8), ("amp-bf16", 1), ("amp-bf16", 8))]
+        both = _median(rows, "fused_cpu_compiled", shape=shape, dtype="fp32", batch=8)
+        compiled = _median(rows, "compile", shape=shape, dtype="fp32", batch=8)
+        composed = _ratio(compiled["median_s"] / both["median_s"]) if both and compiled else "not measured"
+        lines.append(f"| {_LABELS.get(name, name)} | {fused} | {errors} | " + " | ".join(cells) + f" | {composed} |")
+    return "\n".join(lines)
+
+
+def units_table(runs):
+    rows = [r for run in runs for r in run["results"] if r["kind"] == "unit"]
+    if not rows:
+        return ""
+    lines = ["| unit | " + " | ".join(f"{d} b{b}" for d, b in _UNIT_COLUMNS) + " | fp32 b8 × compile |",
+             "|---|" + "---:|" * (len(_UNIT_COLUMNS) + 1)]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        cells = []
+        for dtype, batch in _UNIT_COLUMNS:
+            got = _median(rows, "fused_cpu", shape=shape, dtype=dtype, batch=batch)
+            cells.append(_ratio(got["paired_baseline_median_s"] / got["median_s"]) if got else "—")
+        got, compiled = (_median(rows, c, shape=shape, dtype="fp32", batch=8) for c in ("fused_cpu", "compile"))
+        cells.append(_ratio(compiled["median_s"] / got["median_s"]) if got and compiled else "—")
+        lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(paths):
+    runs = [json.load(open(p)) for p in paths]
+    for run, path in zip(runs, paths):
+        env = run["environment"]
+        print(f"<!-- {path}: {env['device']}, commit {env.get('commit')}, {env['date']} -->")
+    print(models_table(runs))
+    print()
+    print(units_table(runs))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
