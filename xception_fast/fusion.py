@@ -53,6 +53,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import ops
 from .contract import BACKENDS, KERNEL_SIZES, STRIDES, check_args, empty_output, fold_bn
+from .contract import output_size as conv_extent
 
 __all__ = ["FusedSeparableConv2d", "FusedConv2dBN", "FusedBlock", "FuseReport", "UnitReport", "fuse"]
 
@@ -206,9 +207,11 @@ def _unit_with_cached_weights(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias:
     tensors (as FusedSeparableConv2d._sources lists them, the BatchNorms unfolded) in, the fold
     and the pack looked up in the cache of the conv registered as ``owner``, made again when a
     weight's version changed. Inference only: it has no autograd."""
-    shape = check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation, act_in, act_mid,
-                       act_out)
-    dw_w, dw_b, pw_w, pw_b, packed = _unit_weights(_UNIT_OWNERS.get(owner), x.dtype, "cpu", tuple(shape), dw_weight,
+    # The C++ op checks the arguments; the checks in Python (contract.check_args) would cost several
+    # times the lookup on every call.
+    k = dw_weight.shape[-1]
+    shape = (x.shape[0], pw_weight.shape[0]) + tuple(conv_extent(n, k, stride, padding, dilation) for n in x.shape[2:])
+    dw_w, dw_b, pw_w, pw_b, packed = _unit_weights(_UNIT_OWNERS.get(owner), x.dtype, "cpu", shape, dw_weight,
                                                    dw_bias, dw_bn, pw_weight, pw_bias, pw_bn, eps)
     return torch.ops.xception_fast.sepconv(x, dw_w, dw_b, pw_w, pw_b, residual, stride, padding, dilation, act_in,
                                            act_mid, act_out, packed)
