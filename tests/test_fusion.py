@@ -591,6 +591,15 @@ def _count_packs(monkeypatch):
     return packs
 
 
+def change_in_place_(*models):
+    """Every weight and running statistic of each model changed in place, the same way."""
+    with torch.no_grad():
+        for model in models:
+            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+                if t.is_floating_point():
+                    t.mul_(1.5 if name.endswith("running_var") else 0.9)
+
+
 def test_torch_compile_keeps_packed_weights_until_a_weight_changes(mobilenet, monkeypatch):
     fused, report = fuse(mobilenet)
     packs = _count_packs(monkeypatch)
@@ -603,11 +612,7 @@ def test_torch_compile_keeps_packed_weights_until_a_weight_changes(mobilenet, mo
     # Weights and running statistics changed in place, as an optimizer step or load_state_dict
     # changes them: the compiled model follows, without recompiling.
     changed = copy.deepcopy(mobilenet)
-    with torch.no_grad():
-        for model in (fused, changed):
-            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-                if t.is_floating_point():
-                    t.mul_(1.5 if name.endswith("running_var") else 0.9)
+    change_in_place_(fused, changed)
     check_exact(compiled, changed, x, "compiled, after the change")
     assert len(packs) == 2 * report.count
 
@@ -636,11 +641,7 @@ def test_bf16_folded_convs_keep_onednn_weights_until_a_weight_changes(mobilenet,
     check(mobilenet, "bf16 autocast, again")
     assert len(reorders) == len(report.folded), "and never again for the same weights and input size"
     changed = copy.deepcopy(mobilenet)
-    with torch.no_grad():
-        for model in (fused, changed):
-            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-                if t.is_floating_point():
-                    t.mul_(1.5 if name.endswith("running_var") else 0.9)
+    change_in_place_(fused, changed)
     check(changed, "bf16 autocast, after the change")
     assert len(reorders) == 2 * len(report.folded)
 
