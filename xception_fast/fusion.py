@@ -127,43 +127,65 @@ def _bn_act_problem(m):
     return None
 
 
-def _bn_foldable(bn):
-    """Whether BatchNorm bn normalises with its running statistics now (the rule of its forward)."""
-    return not bn.training and bn.running_mean is not None and bn.running_var is not None
-
-
 def _bn_fold(weight, bias, bn):
     return fold_bn(weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, bias)
+
+
+def _module_tensor(m, name):
+    """m's parameter or buffer ``name``, read from the module's own tables: nn.Module.__getattr__
+    costs several times as much, on every call of every fused conv, which at batch 1 is a large part
+    of a small model's time. Anything else (a parametrization's property) through getattr."""
+    params = m._parameters
+    if name in params:
+        return params[name]
+    buffers = m._buffers
+    if name in buffers:
+        return buffers[name]
+    return getattr(m, name, None)
+
+
+def _bn_foldable(bn):
+    """Whether BatchNorm bn normalises with its running statistics now (the rule of its forward)."""
+    return (not bn.training and _module_tensor(bn, "running_mean") is not None
+            and _module_tensor(bn, "running_var") is not None)
 
 
 def _bn_sources(bn):
     # BatchNorm's own train-mode update of its running statistics happens inside its kernel and
     # leaves their _version as it was; num_batches_tracked, incremented by an in-place add in the
     # module's forward, is what changes with each update.
-    return (bn.weight, bn.bias, bn.running_mean, bn.running_var, getattr(bn, "num_batches_tracked", None))
-
-
-def _tensor_key(t):
-    return None if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
+    return tuple(_module_tensor(bn, name) for name in ("weight", "bias", "running_mean", "running_var",
+                                                          "num_batches_tracked"))
 
 
 def _needs_grad(tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _cacheable(tensors):
-    """Whether a fold or pack of ``tensors`` may be kept for the next call: not while compiling
-    (the fold is then part of the graph, and guards on versions would recompile), not where autograd
-    needs it (it must be differentiable), and not for inference tensors (they have no version)."""
-    if torch.compiler.is_compiling() or _needs_grad(tensors):
-        return False
-    return not any(t is not None and t.is_inference() for t in tensors)
+def _versions(tensors):
+    """What names the contents of ``tensors`` now (each one's version, address, dtype and device), as the
+    key under which a fold or pack of them is kept for the next call; or None where it may not be
+    kept: while compiling (the fold is then part of the graph, and guards on versions would
+    recompile), where autograd needs it (it must be differentiable), and for inference tensors
+    (they have no version). One pass, as it runs on every call."""
+    if torch.compiler.is_compiling():
+        return None
+    grad = torch.is_grad_enabled()
+    key = []
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        elif (grad and t.requires_grad) or t.is_inference():
+            return None
+        else:
+            key.append((t._version, t.data_ptr(), t.dtype, t.device))
+    return tuple(key)
 
 
 def _unit_weights(owner, dtype, backend, output_size, dw_weight, dw_bias, dw_bn, pw_weight, pw_bias, pw_bn, eps):
     """(dw_weight, dw_bias, pw_weight, pw_bias, packed) for a unit's op (FusedSeparableConv2d._sources
     gives the arguments after output_size): its BatchNorms folded and, where the fold may be kept
-    (``_cacheable``; ``owner``, the unit's conv, holds it), the weights packed for ``backend`` and
+    (``_versions``; ``owner``, the unit's conv, holds it), the weights packed for ``backend`` and
     x of ``dtype``, cached per weight version."""
     def fold(weight, bias, bn, bn_eps):
         return (weight, bias) if not bn else fold_bn(weight, bn[0], bn[1], bn[2], bn[3], bn_eps, bias)
@@ -178,13 +200,14 @@ def _unit_weights(owner, dtype, backend, output_size, dw_weight, dw_bias, dw_bn,
         return dw_w, dw_b, pw_w, pw_b, packed
 
     sources = (dw_weight, dw_bias, *dw_bn, pw_weight, pw_bias, *pw_bn)
-    if owner is None or not _cacheable(sources):
+    versions = None if owner is None else _versions(sources)
+    if versions is None:
         return make(pack=False)
     # The kernels refuse packed weights made for another dtype or fp32 precision setting; the key
     # holds what the pack depends on, so that a change repacks instead of failing.
-    key = (tuple(eps), dtype, backend, torch.is_inference_mode_enabled(),
-           _fp32_precision() if backend == "cpu" and dtype == torch.float32 else None, output_size)
-    return owner._cached(sources, key, lambda: make(pack=True))
+    settings = (tuple(eps), dtype, backend, torch.is_inference_mode_enabled(),
+                _fp32_precision() if backend == "cpu" and dtype == torch.float32 else None, output_size)
+    return owner._cached(sources, versions + settings, lambda: make(pack=True))
 
 
 # The fused units' convs by a number, which a traced op can carry (an op takes no module).
@@ -326,11 +349,11 @@ class _FusedConv:
             self._fused_cache = None
 
     def _cached(self, sources, key, make):
-        # One entry: a weight version, dtype and setting at a time. A model that alternates between
-        # dtypes refolds on each switch, which costs a fold per switch, never a wrong result. The
-        # entry holds the source tensors: while it lives, their memory cannot be handed to new
-        # tensors, so a key's addresses and versions name these tensors and no others.
-        key = (tuple(_tensor_key(t) for t in sources),) + key
+        # key: _versions(sources) and the settings the value depends on. One entry: a weight
+        # version, dtype and setting at a time. A model that alternates between dtypes refolds on
+        # each switch, which costs a fold per switch, never a wrong result. The entry holds the
+        # source tensors: while it lives, their memory cannot be handed to new tensors, so a key's
+        # addresses and versions name these tensors and no others.
         cache = self._fused_cache
         if cache is not None and cache[0] == key:
             return cache[1]
@@ -365,7 +388,8 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
         if bn is None:
             return self.conv_alone(x)
         bn_act = _is_bn_act(bn)
-        if self.weight.dtype != torch.float32 or not _bn_foldable(bn) or (
+        sources = (_module_tensor(self, "weight"), _module_tensor(self, "bias")) + _bn_sources(bn)
+        if sources[0].dtype != torch.float32 or not _bn_foldable(bn) or (
                 bn_act and not _is_identity_now(bn.drop)):
             # Weights stored in half precision would be rounded a second time once folded (eager
             # rounds them once, when they are made): the fold would save a pass at the cost of
@@ -375,11 +399,10 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
             y = bn(self.conv_alone(x))
             return y if act is None else act(y)
         dtype = _compute_dtype(x)
-        sources = (self.weight, self.bias) + _bn_sources(bn)
-        cacheable = _cacheable(sources)
+        versions = _versions(sources)
         # Kept with the fold, the weight in oneDNN's layout for this input size (a reorder has no
         # gradient, and traced it would run on every call: only for a cached fold).
-        input_size = self._onednn_input_size(x) if cacheable and self._in_onednn(x, dtype) else None
+        input_size = self._onednn_input_size(x) if versions is not None and self._in_onednn(x, dtype) else None
 
         def make():
             weight, bias = _bn_fold(self.weight, self.bias, bn)
@@ -388,9 +411,9 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
             weight = weight.to(dtype)
             return weight, bias, None if input_size is None else self._onednn_weight(weight, input_size)
 
-        if cacheable:
+        if versions is not None:
             weight, bias, onednn_weight = self._cached(
-                sources, (bn.eps, dtype, torch.is_inference_mode_enabled(), input_size), make)
+                sources, versions + (bn.eps, dtype, torch.is_inference_mode_enabled(), input_size), make)
         else:
             weight, bias, onednn_weight = make()
         if bn_act:
@@ -533,7 +556,8 @@ class FusedSeparableConv2d(_FusedConv, nn.Conv2d):
         """What the op's weights are made of: (dw_weight, dw_bias, dw_bn, pw_weight, pw_bias, pw_bn,
         eps), each BatchNorm as its _bn_sources (() for none) and eps their two epsilons."""
         eps = [0.0 if bn is None else bn.eps for bn in (dw_bn, pw_bn)]
-        return (self.weight, self.bias, () if dw_bn is None else _bn_sources(dw_bn), pw.weight, pw.bias,
+        return (_module_tensor(self, "weight"), _module_tensor(self, "bias"),
+                () if dw_bn is None else _bn_sources(dw_bn), _module_tensor(pw, "weight"), _module_tensor(pw, "bias"),
                 () if pw_bn is None else _bn_sources(pw_bn), eps)
 
     def _op(self, x, dw_bn, pw, pw_bn, act_in, act_mid, act_out, residual, dtype):
@@ -554,10 +578,14 @@ class FusedSeparableConv2d(_FusedConv, nn.Conv2d):
                     x.to(dtype), dw_weight, dw_bias, list(dw_bn_sources), pw_weight, pw_bias, list(pw_bn_sources), eps,
                     residual, *options, self._owner_slot)
         dw_weight, dw_bias, pw_weight, pw_bias, packed = self._weights(x, dw_bn, pw, pw_bn, dtype, backend)
-        # x is not cast under autocast: the op's autocast rule casts x and the residual itself.
-        return ops.sepconv(x, dw_weight, pw_weight, pw_bias, dw_bias=dw_bias, stride=options[0], padding=padding,
-                           dilation=options[2], act_in=act_in, act_mid=act_mid, act_out=act_out, residual=residual,
-                           packed=packed, backend=backend)
+        if backend == "reference":
+            return ops.sepconv(x, dw_weight, pw_weight, pw_bias, dw_bias=dw_bias, stride=options[0], padding=padding,
+                               dilation=options[2], act_in=act_in, act_mid=act_mid, act_out=act_out,
+                               residual=residual, backend=backend)
+        # The backend's op itself (ops.sepconv's checks of a user's arguments would cost as much as
+        # a small unit's kernel); x is not cast under autocast: the op's autocast rule casts x and
+        # the residual itself.
+        return ops.backend_op(backend)(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, *options, packed)
 
     def __setstate__(self, state):
         super().__setstate__(state)
