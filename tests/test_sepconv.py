@@ -85,10 +85,12 @@ def test_every_option_combination(backend, acts, extras):
               residual=residual)
 
 
-# (k, stride, dilation, H, W): odd sizes with stride 2, maps smaller than the dilated kernel, 1x1 maps.
+# (k, stride, dilation, H, W): odd sizes with stride 2, maps smaller than the dilated kernel, 1x1 maps;
+# rows of 7 interior pixels for k 5 and 7 (the CPU kernel's groups of 4, 2 and 1 in one row).
 GEOMETRIES = [
     (k, s, 1, h, w) for k in (1, 3, 5, 7) for s in (1, 2) for h, w in ((7, 9), (2, 3), (1, 1))
-] + [(3, 1, 2, 3, 4), (3, 2, 2, 5, 3), (3, 1, 4, 3, 4), (5, 1, 2, 4, 4), (5, 2, 4, 6, 5), (3, 1, 4, 1, 1)]
+] + [(3, 1, 2, 3, 4), (3, 2, 2, 5, 3), (3, 1, 4, 3, 4), (5, 1, 2, 4, 4), (5, 2, 4, 6, 5), (3, 1, 4, 1, 1),
+     (5, 1, 1, 3, 11), (7, 1, 1, 2, 13)]
 
 
 @pytest.mark.parametrize("backend", ALL, ids=str)

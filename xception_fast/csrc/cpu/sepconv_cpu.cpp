@@ -235,7 +235,11 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
                                                                 dst_t* __restrict__ dst, int64_t ld_dst) {
   using vec_t = vec_of<acc_t>;
   constexpr int64_t lanes = kLanes<acc_t>;
-  constexpr int64_t kGroup = 2;
+  // Pixels per group: a 5x5 (or larger) window's many taps make the rows compute-bound, limited by
+  // each pixel's chain of dependent FMAs, and four pixels keep four chains in flight; a 3x3
+  // window's few taps leave the rows bound by memory, where more pixels per group only add input
+  // streams (README, CPU kernel).
+  constexpr int64_t kGroup = KS == 3 ? 2 : 4;
   constexpr int64_t kMaxK = 7;
   const int64_t k = KS > 0 ? KS : a.k;
   const int64_t C = a.C, W = a.W, stride = a.stride, pad = a.padding, dil = a.dilation;
@@ -344,7 +348,14 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
       for (; ow + kGroup <= run_end; ow += kGroup) {
         interior(std::integral_constant<int64_t, kGroup>{}, ow, row_dst + ow * ld_dst);
       }
-      for (; ow < run_end; ++ow) interior(std::integral_constant<int64_t, 1>{}, ow, row_dst + ow * ld_dst);
+      if (kGroup > 2 && ow + 2 <= run_end) {
+        interior(std::integral_constant<int64_t, 2>{}, ow, row_dst + ow * ld_dst);
+        ow += 2;
+      }
+      if (ow < run_end) {
+        interior(std::integral_constant<int64_t, 1>{}, ow, row_dst + ow * ld_dst);
+        ++ow;
+      }
     }
     p += count;
   }
