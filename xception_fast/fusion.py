@@ -127,10 +127,6 @@ def _bn_act_problem(m):
     return None
 
 
-def _bn_fold(weight, bias, bn):
-    return fold_bn(weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, bias)
-
-
 def _module_tensor(m, name):
     """m's parameter or buffer ``name``, read from the module's own tables: nn.Module.__getattr__
     costs several times as much, on every call of every fused conv, which at batch 1 is a large part
@@ -315,12 +311,16 @@ class _FusedConv:
         pads = _same_pads(x.shape, self.kernel_size, self.stride, self.dilation)
         return tuple(x.shape[:2]) + (x.shape[2] + pads[2] + pads[3], x.shape[3] + pads[0] + pads[1])
 
+    def _onednn_padding(self):
+        """The padding oneDNN's convolution is given: the conv's own, or none for timm's "same"
+        rule, whose input is padded before it (_onednn_input_size)."""
+        return list(self.padding) if self._conv_class is nn.Conv2d else [0, 0]
+
     def _onednn_weight(self, weight, input_size):
         """weight in oneDNN's own layout for inputs of input_size: a plain one is reordered inside
         every call, which at batch 1 costs as much as the convolution of a small 1x1 conv."""
-        padding = list(self.padding) if self._conv_class is nn.Conv2d else [0, 0]
-        return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, list(self.stride), list(self.dilation),
-                                                           self.groups, list(input_size))
+        return torch.ops.mkldnn._reorder_convolution_weight(weight, self._onednn_padding(), list(self.stride),
+                                                           list(self.dilation), self.groups, list(input_size))
 
     def _conv_with_float32_bias(self, x, weight, bias, act, onednn_weight=None):
         """This conv with half-precision weights plus a float32 bias, the sum rounded once to the
@@ -332,12 +332,11 @@ class _FusedConv:
         name = "identity" if act is None else _act_name(act)
         if weight.dtype == torch.bfloat16 and self._in_onednn(x, x.dtype) and name is not None:
             attr, scalars = _ONEDNN_ACTIVATIONS[name]
-            padding = self.padding
             if self._conv_class is not nn.Conv2d:
-                x, padding = _pad_same(x, self.kernel_size, self.stride, self.dilation), (0, 0)
+                x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
             y = torch.ops.mkldnn._convolution_pointwise(x, weight if onednn_weight is None else onednn_weight,
-                                                        bias, list(padding), list(self.stride), list(self.dilation),
-                                                        self.groups, attr, scalars, None)
+                                                        bias, self._onednn_padding(), list(self.stride),
+                                                        list(self.dilation), self.groups, attr, scalars, None)
             return y, None
         # In place: the float32 sum is rounded once, into the conv's half-precision result.
         return self._conv_with(x, weight, None).add_(bias.reshape(-1, 1, 1)), act
@@ -405,7 +404,8 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
         input_size = self._onednn_input_size(x) if versions is not None and self._in_onednn(x, dtype) else None
 
         def make():
-            weight, bias = _bn_fold(self.weight, self.bias, bn)
+            # The tensors the key was made of (sources: weight, bias, then bn's _bn_sources).
+            weight, bias = fold_bn(sources[0], *sources[2:6], bn.eps, sources[1])
             if dtype not in _HALF:
                 return weight.to(x.dtype), bias.to(x.dtype), None
             weight = weight.to(dtype)
