@@ -146,9 +146,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_PRECISIONS = {"fp32": None, "amp-bf16": torch.bfloat16}
 
 # Every contender, in the order the summary lists them. fused_*_compiled: torch.compile (default
-# mode) of the fused model, against compile of the eager one.
-CONTENDERS = ("eager_nchw", "eager_cl", "compile", "compile_max_autotune", "fused_cpu", "fused_cuda", "fused_triton",
-              "fused_cpu_compiled", "fused_cuda_compiled")
+# mode) of the fused model, against compile of the eager one. fused_cpu_recompute: a training step
+# with fuse(recompute_depthwise=True), whose backward recomputes the depthwise results that
+# fused_cpu keeps.
+CONTENDERS = ("eager_nchw", "eager_cl", "compile", "compile_max_autotune", "fused_cpu", "fused_cpu_recompute",
+              "fused_cuda", "fused_triton", "fused_cpu_compiled", "fused_cuda_compiled")
 COMPILERS = ("compile", "compile_max_autotune")
 _GPU_EAGER = ("eager_nchw", "eager_cl")
 _GPU_FUSED = ("fused_cuda", "fused_triton")
@@ -167,7 +169,7 @@ MATRIX = {
                  ("fp32", 32, _CPU_UNIT, None), ("bf16", 32, _CPU_UNIT, None)],
         "infer": [("fp32", 8, _CPU_MODEL, "selected"), ("amp-bf16", 8, _CPU_MODEL[:3], "selected"),
                   ("fp32", 1, _CPU_MODEL[:3], "selected"), ("amp-bf16", 1, _CPU_MODEL[:3], "selected")],
-        "train": [("fp32", 4, ("eager_cl", "fused_cpu"), ("Xception",))],
+        "train": [("fp32", 4, ("eager_cl", "fused_cpu", "fused_cpu_recompute"), ("Xception",))],
     },
     ("cpu", "quick"): {
         "unit": [("fp32", 1, _CPU_UNIT, None)],
@@ -254,7 +256,7 @@ def cases(kind):
 
 def fused_backend(contender):
     """The xception_fast backend of a fused contender."""
-    return contender[len("fused_"):].removesuffix("_compiled")
+    return contender[len("fused_"):].removesuffix("_compiled").removesuffix("_recompute")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +393,8 @@ def build_model(case):
     x = torch.randn(case.batch, 3, spec.size, spec.size, device=DEVICE).contiguous(memory_format=fmt)
     extra = {}
     if case.contender.startswith("fused_"):
-        model, report = xception_fast.fuse(model, backend=fused_backend(case.contender))
+        model, report = xception_fast.fuse(model, backend=fused_backend(case.contender),
+                                           recompute_depthwise=case.contender.endswith("_recompute"))
         if report.count != spec.units:
             raise AssertionError(f"fuse() fused {report.count} separable units of {spec.name}, which has "
                                  f"{spec.units}:\n{report}")

@@ -216,7 +216,8 @@ class Results:
                       "", "| case | fused | method | eager CL peak | fused peak | saving |",
                       "|---|---|---|---:|---:|---:|"]
             for m in self.memory:
-                lines.append(f"| {m['shape']}, {m['dtype']}, batch {m['batch']} | {m['contender']} | {m['method']} "
+                lines.append(f"| {m['shape']}, {m['dtype']}, batch {m['batch']} "
+                             f"| {m['contender']}, depthwise {m.get('depthwise', 'recomputed')} | {m['method']} "
                              f"| {m['eager_peak_mb']:.1f} MB | {m['fused_peak_mb']:.1f} MB "
                              f"| {100 * m['saving']:.1f} % |")
         return "\n".join(lines) + "\n"

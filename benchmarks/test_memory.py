@@ -1,5 +1,7 @@
 """Memory: the peak memory of one training step of Xception at 299 x 299, batch 8, eager
 (channels_last) against its fused copy with the same weights. The fused model must not use more.
+On a CPU the fused copy is measured twice: keeping the depthwise results for the backward (the
+default) and recomputing them (``fuse(recompute_depthwise=True)``); a GPU backward always recomputes.
 
 One training step is: gradients cleared, forward, cross-entropy on fixed random labels, backward,
 SGD (momentum) step. Each model takes one step first, so that the measured step finds its momentum
@@ -101,15 +103,20 @@ def peak_memory(model, step):
     return torch.cuda.max_memory_allocated(DEVICE) - before, torch.cuda.memory_allocated(DEVICE) - before
 
 
+DEPTHWISE = {"cpu": ("kept", "recomputed"), "cuda": ("recomputed",)}[DEVICE.type]
+
+
+@pytest.mark.parametrize("depthwise", DEPTHWISE)
 @pytest.mark.parametrize("contender", FUSED)
-def test_training_step_memory(benchmark, results, contender):
+def test_training_step_memory(benchmark, results, contender, depthwise):
     require(contender)
     if DEVICE.type == "cpu":
         check_host_memory_profile()
-    benchmark.group = f"memory: training step, Xception 299², {PRECISION}, b{BATCH}"
+    benchmark.group = f"memory: training step, Xception 299², {PRECISION}, b{BATCH}, depthwise {depthwise}"
     torch.manual_seed(0)
     eager = Xception().to(DEVICE).train().to(memory_format=torch.channels_last)
-    fused, report = xception_fast.fuse(copy.deepcopy(eager), backend=fused_backend(contender))
+    fused, report = xception_fast.fuse(copy.deepcopy(eager), backend=fused_backend(contender),
+                                       recompute_depthwise=depthwise == "recomputed")
     if report.count != 34:
         raise AssertionError(f"fuse() fused {report.count} separable units, Xception has 34: {report.names}")
     x = torch.randn(BATCH, 3, 299, 299, device=DEVICE).contiguous(memory_format=torch.channels_last)
@@ -132,6 +139,7 @@ def test_training_step_memory(benchmark, results, contender):
     gradient_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
     results.add_memory(benchmark, {
         "kind": "train", "shape": "Xception 299²", "dtype": PRECISION, "batch": BATCH, "contender": contender,
+        "depthwise": depthwise,
         "baseline": "eager_cl",
         "method": ("torch.profiler memory events (CPU allocator), running-sum peak" if DEVICE.type == "cpu"
                    else "torch.cuda.max_memory_allocated"),

@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from xception_fast.contract import output_size, sepconv_reference
+from xception_fast.contract import depthwise_reference, output_size, sepconv_reference
 
 
 def max_abs_error(result, reference64):
@@ -118,6 +118,15 @@ def eager(tensors, unit):
     return sepconv_reference(*(tensors[name] for name in TENSOR_NAMES), *unit.args())
 
 
+def eager_depthwise(tensors, unit):
+    """The unit's depthwise result in eager PyTorch (what sepconv_keeping_depthwise keeps)."""
+    return depthwise_reference(tensors["x"], tensors["dw_weight"], tensors["dw_bias"], *unit.args()[:5])
+
+
+def as_float64(tensors):
+    return {k: None if v is None else v.detach().to("cpu", torch.float64) for k, v in tensors.items()}
+
+
 def reference64(tensors, unit):
     """The float64 CPU reference of the unit."""
-    return eager({k: None if v is None else v.detach().to("cpu", torch.float64) for k, v in tensors.items()}, unit)
+    return eager(as_float64(tensors), unit)

@@ -1,7 +1,9 @@
 """The CPU kernel's own paths (xception_fast/csrc/cpu/sepconv_cpu.cpp): each product strategy, the
-rule that chooses between them, the fp32 precision setting, and packed weights in the fused
-modules going stale when a weight changes."""
+rule that chooses between them, the depthwise result kept for the backward, the fp32 precision
+setting, packed weights in the fused modules going stale when a weight changes, and the depthwise
+conv's backward."""
 import contextlib
+import dataclasses
 import copy
 
 import pytest
@@ -9,7 +11,8 @@ import torch
 from torch import nn
 
 import xception_fast
-from exactness import Unit, assert_exact, eager, make_inputs, op_args, randomize_model_, reference64
+from exactness import (Unit, as_float64, assert_exact, eager, eager_depthwise, make_inputs, op_args, randomize_model_,
+                       reference64)
 
 STRATEGIES = {"tiled": 0, "materialized": 1}  # the header's layout field
 SUM_DEPTH = 256  # kFp32SumDepth: a product deeper than this is summed in chunks
@@ -47,6 +50,31 @@ def test_each_strategy(strategy, dtype, k, unit, residual, c, cout):
     # With the reorder for the call's shape (what the fused modules pass): the same result.
     shaped = pack(tensors, dtype, strategy, list(got.shape))
     assert torch.equal(run(tensors, unit, shaped), got)
+    assert_keeps_its_depthwise_result(tensors, unit, packed, got)
+
+
+def assert_keeps_its_depthwise_result(tensors, unit, packed, out):
+    """sepconv_keeping_depthwise: the same output, and the depthwise result the product multiplied,
+    channels-last in x's dtype, under the exactness rule against eager's depthwise conv."""
+    got, depthwise = torch.ops.xception_fast.sepconv_keeping_depthwise(*op_args(tensors, unit, packed))
+    assert torch.equal(got, out)
+    expected = eager_depthwise(tensors, unit)
+    assert depthwise.dtype == tensors["x"].dtype and depthwise.shape == expected.shape
+    assert depthwise.is_contiguous(memory_format=torch.channels_last)
+    assert_exact(depthwise, expected, eager_depthwise(as_float64(tensors), unit), "kept depthwise result")
+
+
+@pytest.mark.parametrize("strategy, dtype", STRATEGY_DTYPES[:2], ids=[f"{s}-{d}" for s, d in STRATEGY_DTYPES[:2]])
+@pytest.mark.parametrize("n, size", [(1, 5), (3, 11)])
+def test_kept_depthwise_result_when_output_channels_split(strategy, dtype, n, size):
+    """One tile of pixels whose output channels several threads share (batch 1, a small map, many
+    output channels): each tile's depthwise rows are kept once, whichever thread computes them."""
+    tensors, unit = make_inputs(n, 40, 600, size, size, dtype=dtype, layout="channels_last", dw_bias=True,
+                                unit=Unit(act_mid="relu6"))
+    packed = pack(tensors, dtype, strategy)
+    out = run(tensors, unit, packed)
+    assert_exact(out, eager(tensors, unit), reference64(tensors, unit), f"{strategy} {dtype}")
+    assert_keeps_its_depthwise_result(tensors, unit, packed, out)
 
 
 def test_the_rule():
@@ -57,6 +85,16 @@ def test_the_rule():
                             (torch.float16, "materialized"), (torch.float64, "materialized")):
         packed = xception_fast.pack_weights("cpu", dtype, tensors["dw_weight"], None, tensors["pw_weight"], None)
         assert packed[0][5].item() == STRATEGIES[strategy], dtype
+
+
+def test_keeping_the_depthwise_result_multiplies_materialized_when_weights_come_unpacked():
+    """A training step's weights: the kept depthwise result is the product's input, in eager's
+    convolution, with no per-call layout of the weights for the tiled product."""
+    tensors, unit = make_inputs(2, 300, 70, 9, 7, layout="channels_last", dw_bias=True)
+    kept, _ = torch.ops.xception_fast.sepconv_keeping_depthwise(*op_args(tensors, unit))
+    materialized = run(tensors, unit, pack(tensors, torch.float32, "materialized"))
+    assert torch.equal(kept, materialized)
+    assert not torch.equal(kept, run(tensors, unit, None))  # the plain op's own choice, tiled, sums otherwise
 
 
 def test_tiled_is_refused_for_half_precision():
@@ -153,3 +191,95 @@ def test_packed_weights_go_stale_when_a_weight_changes(dtype):
             assert not torch.equal(after, before), "a changed weight left the fused unit's result as it was"
             assert_exact(after, net(x), copy.deepcopy(net).double()(x.double()))
             before = after
+
+
+# ----------------------------------------------------------------------------------------------
+# The depthwise conv's backward (the unit's backward on a CPU)
+
+def depthwise_grads(x, dw_weight, grad, unit, k):
+    """Eager's gradients of x and dw_weight through act_in and the depthwise conv."""
+    x, w = x.detach().clone().requires_grad_(), dw_weight.detach().clone().requires_grad_()
+    a = xception_fast.contract.activation(x, unit.act_in)
+    out = torch.nn.functional.conv2d(a, w.to(x.dtype), stride=unit.stride, padding=unit.padding,
+                                     dilation=unit.dilation, groups=x.shape[1])
+    out.backward(grad)
+    return x.grad, w.grad
+
+
+DEPTHWISE_BACKWARD_CASES = [(3, Unit(act_in="relu")), (3, Unit(stride=2, act_in="relu6")),
+                            (5, Unit(dilation=2, act_in="hardswish")), (7, Unit(stride=2, act_in="identity")),
+                            (1, Unit(act_in="relu")), (3, Unit(padding=0, act_in="relu"))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("k, unit", DEPTHWISE_BACKWARD_CASES,
+                         ids=[f"k{k}-s{u.stride}-d{u.dilation}-p{u.padding}-{u.act_in}"
+                              for k, u in DEPTHWISE_BACKWARD_CASES])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_depthwise_backward_matches_eager(dtype, k, unit, layout):
+    """Channels past the last full vector (37 = 2 x 16 + 5 in fp32), every border, each act_in."""
+    tensors, unit = make_inputs(3, 37, 5, 11, 9, k=k, unit=unit, dtype=dtype, layout=layout)
+    x, w = tensors["x"], tensors["dw_weight"]
+    out_shape = eager_depthwise(dict(tensors, dw_bias=None), dataclasses.replace(unit, act_mid="identity")).shape
+    grad = torch.randn(out_shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    if layout == "channels_last":
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    got_x, got_w = torch.ops.xception_fast.depthwise_backward(grad, x, w, unit.stride, unit.padding, unit.dilation,
+                                                              unit.act_in, [True, True])
+    eager_x, eager_w = depthwise_grads(x, w, grad, unit, k)
+    ref_x, ref_w = depthwise_grads(x.double(), w.double(), grad.double(), unit, k)
+    assert got_x.dtype == dtype and got_x.is_contiguous(memory_format=torch.channels_last) == (layout != "nchw")
+    assert got_w.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and got_w.shape == w.shape
+    if dtype == torch.float64:  # eager is the reference: only the order of the sums differs
+        assert (got_x - ref_x).abs().max().item() < 1e-10 and (got_w - ref_w).abs().max().item() < 1e-10
+    else:
+        assert_exact(got_x, eager_x, ref_x, f"grad of x ({dtype})")
+        assert_exact(got_w, eager_w, ref_w, f"grad of dw_weight ({dtype})")
+    only_x, none_w = torch.ops.xception_fast.depthwise_backward(grad, x, w, unit.stride, unit.padding, unit.dilation,
+                                                                unit.act_in, [True, False])
+    none_x, only_w = torch.ops.xception_fast.depthwise_backward(grad, x, w, unit.stride, unit.padding, unit.dilation,
+                                                                unit.act_in, [False, True])
+    assert none_w is None and none_x is None
+    assert torch.equal(only_x, got_x) and torch.equal(only_w, got_w)
+
+
+@contextlib.contextmanager
+def set_threads(n):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("act_in", ["relu", "relu6", "hardswish"])
+def test_depthwise_backward_at_the_activations_kinks(act_in):
+    """x exactly at each kink (0, 6, -3, 3): the derivative eager's backward kernels take there."""
+    values = torch.tensor([0.0, 6.0, -3.0, 3.0, -4.0, -0.5, 0.5, 7.0])
+    x = values.repeat(2 * 16 * 6).reshape(2, 16, 8, 6).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 1, 3, 3, generator=torch.Generator().manual_seed(8))
+    grad = torch.randn(2, 16, 8, 6, generator=torch.Generator().manual_seed(9))
+    got_x, _ = torch.ops.xception_fast.depthwise_backward(grad, x, w, 1, 1, 1, act_in, [True, False])
+    eager_x, _ = depthwise_grads(x, w, grad, Unit(act_in=act_in).resolved(3), 3)
+    torch.testing.assert_close(got_x, eager_x, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_x == 0, eager_x == 0)
+
+
+def test_depthwise_backward_is_deterministic_and_checked():
+    """The taps' sums in a fixed order, whatever the thread count."""
+    tensors, unit = make_inputs(2, 20, 5, 30, 6, unit=Unit(act_in="relu"))
+    x, w = tensors["x"], tensors["dw_weight"]
+    grad = torch.randn(2, 20, 30, 6)
+    args = (grad, x, w, 1, 1, 1, "relu", [True, True])
+    first = torch.ops.xception_fast.depthwise_backward(*args)
+    with set_threads(1):
+        alone = torch.ops.xception_fast.depthwise_backward(*args)
+    assert all(torch.equal(a, b) for a, b in zip(first, alone))
+    torch.library.opcheck(torch.ops.xception_fast.depthwise_backward.default, args)
+    with pytest.raises(ValueError, match="grad must have the depthwise output's shape"):
+        torch.ops.xception_fast.depthwise_backward(grad[:, :, :-1], x, w, 1, 1, 1, "relu", [True, True])
+    with pytest.raises(ValueError, match="act_in"):
+        torch.ops.xception_fast.depthwise_backward(grad, x, w, 1, 1, 1, "gelu", [True, True])
+    with pytest.raises(ValueError, match="dw_weight must be"):
+        torch.ops.xception_fast.depthwise_backward(grad, x, w[:3], 1, 1, 1, "relu", [True, True])

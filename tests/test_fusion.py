@@ -133,6 +133,8 @@ def test_bad_arguments():
         xception_fast.fuse("xception")
     with pytest.raises(ValueError, match="backend must be one of"):
         xception_fast.fuse(Xception(), backend="fastest")
+    with pytest.raises(TypeError, match="recompute_depthwise must be a bool"):
+        xception_fast.fuse(Xception(), recompute_depthwise="yes")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,12 +400,25 @@ def check_train_step(eager, fused, x, target):
     assert all(torch.equal(b, dict(reference.named_buffers())[n]) for n, b in counts.items())
 
 
+def saved_for_backward(model, x):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(x)
+    return saved
+
+
 def test_train_step_matches_eager_xception():
     """No BatchNorm between the convs: the op runs ReLU, depthwise and pointwise; the BatchNorm after
-    runs on batch statistics."""
+    runs on batch statistics. The backward takes the depthwise result the forward kept (one tensor
+    more saved per unit), or recomputes it."""
     eager = randomize_model_(Xception(num_classes=5), seed=24).train()
-    fused, _ = fuse(eager)
-    check_train_step(eager, fused, randn(3, 3, 71, 71, seed=25), torch.tensor([0, 3, 4]))
+    x, target = randn(3, 3, 71, 71, seed=25), torch.tensor([0, 3, 4])
+    saved = {}
+    for recompute_depthwise in (False, True):
+        fused, _ = xception_fast.fuse(copy.deepcopy(eager), backend="cpu", recompute_depthwise=recompute_depthwise)
+        saved[recompute_depthwise] = len(saved_for_backward(copy.deepcopy(fused), x))  # (a step of its own)
+        check_train_step(copy.deepcopy(eager), fused, x, target)
+    assert saved[False] == saved[True] + 34, saved
 
 
 def test_train_step_matches_eager_mobilenet(mobilenet):

@@ -1,6 +1,6 @@
 """Autograd through the fused unit (xception_fast.registration), on every backend: gradcheck in
 float64 over the options, gradients against eager's under the exactness rule, and what the
-forward keeps for the backward."""
+forward keeps for the backward (on a CPU the depthwise result, unless it is to be recomputed)."""
 import pytest
 import torch
 
@@ -20,7 +20,8 @@ GRADCHECK_UNITS = [
 
 @pytest.mark.parametrize("k, unit", GRADCHECK_UNITS, ids=[f"k{k}-{u}" for k, u in GRADCHECK_UNITS])
 @pytest.mark.parametrize("residual", [False, True])
-def test_gradcheck_float64(k, unit, residual):
+@pytest.mark.parametrize("keeps_depthwise", [False, True], ids=["recomputed", "kept"])
+def test_gradcheck_float64(k, unit, residual, keeps_depthwise):
     tensors, unit = make_inputs(2, 3, 4, 5, 6, k=k, unit=unit, dtype=torch.float64, dw_bias=True,
                                 residual=residual, seed=2)
     # x away from ReLU's kink, where a finite difference is not a derivative (the intermediate
@@ -30,7 +31,10 @@ def test_gradcheck_float64(k, unit, residual):
 
     def fn(*flat):
         named = dict(zip(leaves, flat))
-        return CPU.op()(*op_args({n: named.get(n) for n in TENSOR_NAMES}, unit))
+        args = op_args({n: named.get(n) for n in TENSOR_NAMES}, unit)
+        if keeps_depthwise:
+            return torch.ops.xception_fast.sepconv_keeping_depthwise(*args)[0]
+        return CPU.op()(*args)
 
     assert torch.autograd.gradcheck(fn, tuple(leaves.values()), eps=1e-6, atol=1e-5, rtol=1e-4)
 
@@ -43,14 +47,15 @@ def grads(fn, tensors, unit, seed=1):
     return {k: v.grad for k, v in leaves.items()}
 
 
-def fused(backend):
+def fused(backend, recompute_depthwise=False):
     import xception_fast
 
     def fn(t, unit):
         return xception_fast.sepconv(t["x"], t["dw_weight"], t["pw_weight"], t["pw_bias"], dw_bias=t["dw_bias"],
                                      stride=unit.stride, padding=unit.padding, dilation=unit.dilation,
                                      act_in=unit.act_in, act_mid=unit.act_mid, act_out=unit.act_out,
-                                     residual=t["residual"], backend=backend.name)
+                                     residual=t["residual"], backend=backend.name,
+                                     recompute_depthwise=recompute_depthwise)
     return fn
 
 
@@ -59,6 +64,7 @@ GRADIENT_UNITS = [
     (3, Unit(act_in="relu", act_out="relu")),
     (5, Unit(stride=2, act_mid="relu6", act_out="relu6")),
     (3, Unit(dilation=2, act_in="hardswish", act_mid="relu")),
+    (3, Unit(act_in="identity", act_mid="hardswish")),
 ]
 
 
@@ -66,12 +72,22 @@ GRADIENT_UNITS = [
 @pytest.mark.parametrize("k, unit", GRADIENT_UNITS, ids=[f"k{k}-{u}" for k, u in GRADIENT_UNITS])
 @pytest.mark.parametrize("residual", [False, True])
 def test_gradients_match_eager(backend, k, unit, residual):
+    assert_gradients_match_eager(backend, k, unit, residual, recompute_depthwise=False)
+
+
+@pytest.mark.parametrize("k, unit", GRADIENT_UNITS, ids=[f"k{k}-{u}" for k, u in GRADIENT_UNITS])
+@pytest.mark.parametrize("residual", [False, True])
+def test_cpu_gradients_recomputing_the_depthwise_result_match_eager(k, unit, residual):
+    assert_gradients_match_eager(CPU, k, unit, residual, recompute_depthwise=True)
+
+
+def assert_gradients_match_eager(backend, k, unit, residual, recompute_depthwise):
     for dtype in (d for d in backend.dtypes if d != torch.float64):
         tensors, unit_ = make_inputs(3, 24, 16, 7, 6, k=k, unit=unit, dtype=dtype, device=backend.device,
                                      layout="channels_last", dw_bias=True, residual=residual, seed=3)
         reference = grads(eager, {k_: None if v is None else v.cpu().double() for k_, v in tensors.items()}, unit_)
         eager_grads = grads(eager, tensors, unit_)
-        got = grads(fused(backend), tensors, unit_)
+        got = grads(fused(backend, recompute_depthwise), tensors, unit_)
         assert got.keys() == eager_grads.keys()
         for name in got:
             assert_exact(got[name], eager_grads[name], reference[name], f"grad of {name} ({dtype}, {unit_})")
@@ -86,14 +102,18 @@ def test_float32_weights_get_float32_gradients(backend):
     assert g["pw_weight"].dtype == g["dw_bias"].dtype == torch.float32 and g["x"].dtype == torch.bfloat16
 
 
-def test_only_inputs_are_saved_for_backward():
-    """The depthwise result is recomputed in backward, never kept (the activation-memory saving)."""
+@pytest.mark.parametrize("recompute_depthwise", [True, False], ids=["recomputed", "kept"])
+def test_what_the_forward_saves_for_backward(recompute_depthwise):
+    """Recomputed: the inputs only, the depthwise result never kept (the activation-memory saving).
+    Kept: the inputs and the depthwise result, as eager's pointwise conv saves its input."""
     tensors, unit = make_inputs(2, 16, 32, 9, 9, dw_bias=True, residual=True, seed=5,
                                 unit=Unit(act_mid="relu", act_out="relu"))
     leaves = {k: v.requires_grad_() for k, v in tensors.items()}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        fused(CPU)(leaves, unit)
-    assert sorted(tuple(t.shape) for t in saved) == sorted(
-        tuple(leaves[k].shape) for k in ("x", "dw_weight", "dw_bias", "pw_weight", "pw_bias"))
+        fused(CPU, recompute_depthwise)(leaves, unit)
+    expected = [tuple(leaves[k].shape) for k in ("x", "dw_weight", "dw_bias", "pw_weight", "pw_bias")]
+    if not recompute_depthwise:
+        expected.append((2, 16, 9, 9))
+    assert sorted(tuple(t.shape) for t in saved) == sorted(expected)
 

@@ -297,19 +297,21 @@ def test_autocast_casts_x_and_residual_as_conv2d_does(backend):
     assert torch.equal(got, run(backend, half, unit))
 
 
-def test_opcheck_cpu():
+@pytest.mark.parametrize("op_name", ["sepconv", "sepconv_keeping_depthwise"])
+def test_opcheck_cpu(op_name):
+    op = getattr(torch.ops.xception_fast, op_name).default
     for k, stride in ((3, 1), (5, 2)):
         tensors, unit = make_inputs(2, 5, 7, 5, 4, k=k, unit=Unit(stride=stride, act_mid="relu"), dw_bias=True,
                                     residual=True, layout="channels_last")
-        torch.library.opcheck(torch.ops.xception_fast.sepconv.default, op_args(tensors, unit))
+        torch.library.opcheck(op, op_args(tensors, unit))
         grads = {k: v.detach().requires_grad_() if v is not None else None for k, v in tensors.items()}
-        torch.library.opcheck(torch.ops.xception_fast.sepconv.default, op_args(grads, unit))
+        torch.library.opcheck(op, op_args(grads, unit))
     bare, unit = make_inputs(2, 5, 7, 4, 3, pw_bias=False, unit=Unit(act_in="identity"))
-    torch.library.opcheck(torch.ops.xception_fast.sepconv.default, op_args(bare, unit))
+    torch.library.opcheck(op, op_args(bare, unit))
     empty, unit = make_inputs(0, 5, 7, 4, 3, layout="channels_last", residual=True)
-    torch.library.opcheck(torch.ops.xception_fast.sepconv.default, op_args(empty, unit))
+    torch.library.opcheck(op, op_args(empty, unit))
     packed = xception_fast.pack_weights("cpu", torch.float32, bare["dw_weight"], None, bare["pw_weight"], None)
-    torch.library.opcheck(torch.ops.xception_fast.sepconv.default, op_args(bare, unit, packed))
+    torch.library.opcheck(op, op_args(bare, unit, packed))
 
 
 @pytest.mark.gpu

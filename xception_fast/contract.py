@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "KERNEL_SIZES", "STRIDES", "SCHEMA", "sepconv_reference", "fold_bn",
-           "check_args", "output_size", "empty_output"]
+__all__ = ["ACTIVATIONS", "BACKENDS", "KERNEL_SIZES", "STRIDES", "SCHEMA", "SCHEMA_KEEPING_DEPTHWISE",
+           "sepconv_reference", "depthwise_reference", "fold_bn", "check_args", "output_size", "empty_output",
+           "empty_depthwise"]
 
 # "auto": the CUDA kernel (else Triton) on a GPU, the C++ kernel on a CPU. "reference": the eager
 # composition below, for checking.
@@ -31,8 +32,13 @@ STRIDES = (1, 2)
 # defined from this one text. `packed`: the weights in a backend's own layout, made once per weight
 # version by that backend's pack function; when given, the kernel reads them instead of dw_weight,
 # dw_bias, pw_weight and pw_bias (which still give the shapes, and the gradients).
-SCHEMA = ("(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor pw_weight, Tensor? pw_bias, Tensor? residual, "
-          "int stride, int padding, int dilation, str act_in, str act_mid, str act_out, Tensor[]? packed) -> Tensor")
+_ARGUMENTS = ("(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor pw_weight, Tensor? pw_bias, Tensor? residual, "
+              "int stride, int padding, int dilation, str act_in, str act_mid, str act_out, Tensor[]? packed)")
+SCHEMA = _ARGUMENTS + " -> Tensor"
+# The same unit returning its depthwise result act_mid(DW(act_in(x)) + dw_bias) as well (channels-last,
+# in x's dtype: what eager's depthwise conv hands the pointwise one), which a backward keeps instead
+# of recomputing it (torch.ops.xception_fast.sepconv_keeping_depthwise, CPU).
+SCHEMA_KEEPING_DEPTHWISE = _ARGUMENTS + " -> (Tensor, Tensor)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,17 +61,19 @@ def sepconv_reference(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, strid
                       act_mid, act_out):
     """The unit's semantics: eager PyTorch, one step at a time, in x's dtype on x's device (the
     weights rounded to x's dtype, as modules of that dtype hold them)."""
-    dtype = x.dtype
-
-    def cast(t):
-        return None if t is None else t.to(dtype)
-
-    a = activation(x, act_in)
-    d = F.conv2d(a, cast(dw_weight), cast(dw_bias), stride=stride, padding=padding, dilation=dilation,
-                 groups=x.shape[1])
-    z = F.conv2d(activation(d, act_mid), cast(pw_weight), cast(pw_bias))
+    d = depthwise_reference(x, dw_weight, dw_bias, stride, padding, dilation, act_in, act_mid)
+    z = F.conv2d(d, pw_weight.to(x.dtype), None if pw_bias is None else pw_bias.to(x.dtype))
     z = activation(z, act_out)
     return z if residual is None else z + residual
+
+
+def depthwise_reference(x, dw_weight, dw_bias, stride, padding, dilation, act_in, act_mid):
+    """The unit's depthwise result, act_mid(DW(act_in(x)) + dw_bias), as sepconv_reference computes
+    it (what sepconv_keeping_depthwise returns beside the output)."""
+    a = activation(x, act_in)
+    d = F.conv2d(a, dw_weight.to(x.dtype), None if dw_bias is None else dw_bias.to(x.dtype), stride=stride,
+                 padding=padding, dilation=dilation, groups=x.shape[1])
+    return activation(d, act_mid)
 
 
 def fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps, conv_bias=None):
@@ -158,3 +166,10 @@ def check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padd
 def empty_output(x, shape):
     """The output's allocation: x's memory format, as nn.Conv2d gives."""
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+
+
+def empty_depthwise(x, shape):
+    """The kept depthwise result's allocation (SCHEMA_KEEPING_DEPTHWISE): [N, C, Ho, Wo] of the output
+    ``shape``, channels-last, x's dtype."""
+    n, _, ho, wo = shape
+    return torch.empty((n, x.shape[1], ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)

@@ -446,8 +446,10 @@ class FusedSeparableConv2d(_FusedConv, nn.Conv2d):
     - a BatchNorm after the pointwise conv that needs batch statistics (train mode), or active
       stochastic depth before the residual add: the op runs the unit up to that module, and the
       rest (BatchNorm, activation, stochastic depth, the add) runs as eager modules. Xception's
-      units (no BatchNorm between the convs) keep that saving in training: the depthwise result and
-      the input activation's output are never stored; the backward recomputes them.
+      units (no BatchNorm between the convs) are fused in training too. On a CPU the op keeps the
+      depthwise result for the backward, as eager's convs do, unless ``recompute_depthwise`` is
+      set (fuse()'s argument); on a GPU the backward always recomputes it. Recomputed, neither it
+      nor the input activation's output is stored: less memory, a depthwise conv more per unit.
     - a BatchNorm between the convs that needs batch statistics, or active Dropout there: the
       normalisation needs the whole depthwise result first, so the unit runs as its eager modules,
       one after the other (memory as eager).
@@ -457,8 +459,9 @@ class FusedSeparableConv2d(_FusedConv, nn.Conv2d):
     them twice. Under autocast the weights are float32 and everything folds.
     """
 
-    def _adopt_unit(self, conv_class, backend, padding):
+    def _adopt_unit(self, conv_class, backend, padding, recompute_depthwise):
         self._adopt(conv_class, backend)
+        self.recompute_depthwise = recompute_depthwise
         _register_owner(self)
         # None: timm's TensorFlow "same" padding, made by padding x before the op.
         self._op_padding = padding
@@ -585,6 +588,10 @@ class FusedSeparableConv2d(_FusedConv, nn.Conv2d):
         # The backend's op itself (ops.sepconv's checks of a user's arguments would cost as much as
         # a small unit's kernel); x is not cast under autocast: the op's autocast rule casts x and
         # the residual itself.
+        if backend == "cpu" and not self.recompute_depthwise and _needs_grad(
+                (x, residual, dw_weight, dw_bias, pw_weight, pw_bias)):
+            return torch.ops.xception_fast.sepconv_keeping_depthwise(x, dw_weight, dw_bias, pw_weight, pw_bias,
+                                                                      residual, *options, packed)[0]
         return ops.backend_op(backend)(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, *options, packed)
 
     def __setstate__(self, state):
@@ -592,7 +599,8 @@ class FusedSeparableConv2d(_FusedConv, nn.Conv2d):
         _register_owner(self)  # a copy or an unpickled module has a cache of its own
 
     def extra_repr(self):
-        return super().extra_repr() + f", heads a fused separable unit (backend={self.backend!r})"
+        return super().extra_repr() + (f", heads a fused separable unit (backend={self.backend!r}, "
+                                       f"recompute_depthwise={self.recompute_depthwise})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1337,7 +1345,7 @@ def _analyse(model, has_conv):
     return claims, refusals, untraceable
 
 
-def _fuse_owner(model, owner_name, names, backend):
+def _fuse_owner(model, owner_name, names, backend, recompute_depthwise):
     """Phase 2: rewrite one owner's forward. Returns (fused units, folds, refusals) by absolute name."""
     owner = model.get_submodule(owner_name) if owner_name else model
     has_conv = _conv_holders(owner)
@@ -1384,7 +1392,7 @@ def _fuse_owner(model, owner_name, names, backend):
         padding = _dw_padding(conv)[0]
         conv_class = type(conv)
         conv.__class__ = FusedSeparableConv2d
-        conv._adopt_unit(conv_class, backend, padding)
+        conv._adopt_unit(conv_class, backend, padding, recompute_depthwise)
     for name in folds:
         conv = modules[name]
         conv_class = type(conv)
@@ -1398,9 +1406,15 @@ def _fuse_owner(model, owner_name, names, backend):
             {_join(owner_name, n): r for n, r in refusals.items()})
 
 
-def fuse(model, backend="auto"):
+def fuse(model, backend="auto", recompute_depthwise=False):
     """Fuse every depthwise-separable unit of ``model`` into the op, in place; fold BatchNorm into
     every other conv followed by one. Returns ``(model, report)`` (:class:`FuseReport`).
+
+    ``recompute_depthwise``: in training, recompute each fused unit's depthwise result in the
+    backward rather than keep it from the forward (the CPU op keeps it otherwise; a GPU backward
+    always recomputes it): the activation memory of those intermediates saved, at the cost of a
+    depthwise conv per unit in the backward. Each fused conv's ``recompute_depthwise`` attribute
+    can be changed later.
 
     A unit is fused only where the fused model computes what the model did, in both train and eval
     mode; any other unit stays as it was and the report says why. See the module's docstring for
@@ -1410,13 +1424,15 @@ def fuse(model, backend="auto"):
         raise TypeError(f"fuse: model must be an nn.Module, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"fuse: backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(recompute_depthwise, bool):
+        raise TypeError(f"fuse: recompute_depthwise must be a bool, got {type(recompute_depthwise).__name__}")
     has_conv = _conv_holders(model)
     claims, refusals, untraceable = _analyse(model, has_conv)
     fused, folded = {}, []
     # Deepest owners first: a fused block is a leaf of its parent's trace, so the parent calls its
     # fused forward.
     for owner in sorted(claims, key=lambda n: (-(n.count(".") + 1 if n else 0), n)):
-        forms, folds, why = _fuse_owner(model, owner, claims[owner], backend)
+        forms, folds, why = _fuse_owner(model, owner, claims[owner], backend, recompute_depthwise)
         fused.update(forms)
         folded += folds
         refusals.update(why)

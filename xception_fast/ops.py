@@ -11,9 +11,11 @@ below choose between them.
 import os
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from . import _extension
-from .contract import BACKENDS, SCHEMA, check_args, empty_output, fold_bn, sepconv_reference
+from .contract import (BACKENDS, SCHEMA, SCHEMA_KEEPING_DEPTHWISE, check_args, empty_depthwise, empty_output, fold_bn,
+                       sepconv_reference)
 from .registration import register_autocast, register_autograd
 
 __all__ = ["sepconv", "sepconv_bn", "pack_weights", "sepconv_reference", "fold_bn", "BACKENDS"]
@@ -23,12 +25,18 @@ __all__ = ["sepconv", "sepconv_bn", "pack_weights", "sepconv_reference", "fold_b
 
 _lib = torch.library.Library("xception_fast", "DEF")
 _lib.define("sepconv" + SCHEMA)
+_lib.define("sepconv_keeping_depthwise" + SCHEMA_KEEPING_DEPTHWISE)
 # The CPU kernel's weights in its own layout (see csrc/cpu/sepconv_cpu.cpp): the product's strategy
 # ("auto", "tiled" or "materialized") is chosen here, once per weight version; output_size, the
 # output's [N, Cout, Ho, Wo], lets oneDNN's weights be laid out for the shape they will meet.
 _lib.define("pack_cpu(Tensor dw_weight, Tensor? dw_bias, Tensor pw_weight, Tensor? pw_bias, ScalarType dtype, "
             "str strategy='auto', int[]? output_size=None) -> Tensor[]")
-_extension.install_loaders("xception_fast", {"sepconv": ("CPU", "CUDA"), "pack_cpu": ("CPU",)})
+# The backward of the depthwise conv of act_in(x) (the unit's backward on a CPU): the gradients of x
+# and of dw_weight from the gradient at the depthwise output, act_in applied as x is read.
+_lib.define("depthwise_backward(Tensor grad, Tensor x, Tensor dw_weight, int stride, int padding, int dilation, "
+            "str act_in, bool[2] output_mask) -> (Tensor, Tensor)")
+_extension.install_loaders("xception_fast", {"sepconv": ("CPU", "CUDA"), "sepconv_keeping_depthwise": ("CPU",),
+                                             "pack_cpu": ("CPU",), "depthwise_backward": ("CPU",)})
 
 
 @torch.library.register_fake("xception_fast::sepconv")
@@ -38,8 +46,26 @@ def _sepconv_fake(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, p
                                       dilation, act_in, act_mid, act_out))
 
 
+@torch.library.register_fake("xception_fast::sepconv_keeping_depthwise")
+def _sepconv_keeping_depthwise_fake(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation,
+                                    act_in, act_mid, act_out, packed):
+    shape = check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation, act_in, act_mid,
+                       act_out)
+    return empty_output(x, shape), empty_depthwise(x, shape)
+
+
+@torch.library.register_fake("xception_fast::depthwise_backward")
+def _depthwise_backward_fake(grad, x, dw_weight, stride, padding, dilation, act_in, output_mask):
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grad_x = torch.empty_like(x, memory_format=suggest_memory_format(x)) if output_mask[0] else None
+    grad_w = dw_weight.new_empty(dw_weight.shape, dtype=acc_dtype) if output_mask[1] else None
+    return grad_x, grad_w
+
+
 register_autograd("xception_fast::sepconv", torch.ops.xception_fast.sepconv)
+register_autograd("xception_fast::sepconv_keeping_depthwise", torch.ops.xception_fast.sepconv, keeps_depthwise=True)
 register_autocast(_lib, "sepconv", torch.ops.xception_fast.sepconv)
+register_autocast(_lib, "sepconv_keeping_depthwise", torch.ops.xception_fast.sepconv_keeping_depthwise)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +116,8 @@ def _default_padding(dw_weight, dilation):
 
 
 def sepconv(x, dw_weight, pw_weight, pw_bias=None, *, dw_bias=None, stride=1, padding=None, dilation=1,
-            act_in="identity", act_mid="identity", act_out="identity", residual=None, packed=None, backend="auto"):
+            act_in="identity", act_mid="identity", act_out="identity", residual=None, packed=None, backend="auto",
+            recompute_depthwise=False):
     """One depthwise-separable unit in one kernel:
     ``act_out(PW(act_mid(DW(act_in(x)) + dw_bias)) + pw_bias) + residual``.
 
@@ -109,6 +136,9 @@ def sepconv(x, dw_weight, pw_weight, pw_bias=None, *, dw_bias=None, stride=1, pa
             weight version, or None (the kernel then packs them on every call).
         backend: "auto" (CUDA kernel, else Triton, on a GPU; the C++ kernel on CPU), "cpu",
             "cuda", "triton" or "reference" (the eager composition, for checking).
+        recompute_depthwise: whether the backward recomputes the depthwise result rather than
+            keeping it from the forward (the C++ CPU kernel keeps it when a gradient is needed,
+            unless this is set; the GPU backends always recompute it).
 
     Weights and biases may be float32 for half-precision x. Differentiable in x, weights, biases
     and residual. Nothing passed in is modified.
@@ -124,8 +154,12 @@ def sepconv(x, dw_weight, pw_weight, pw_bias=None, *, dw_bias=None, stride=1, pa
                    act_out)
         return sepconv_reference(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation,
                                  act_in, act_mid, act_out)
-    return backend_op(chosen)(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation, act_in,
-                              act_mid, act_out, packed)
+    args = (x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation, act_in, act_mid, act_out,
+            packed)
+    if chosen == "cpu" and not recompute_depthwise and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in args[:6]):
+        return torch.ops.xception_fast.sepconv_keeping_depthwise(*args)[0]
+    return backend_op(chosen)(*args)
 
 
 def sepconv_bn(x, dw_weight, pw_weight, bias=None, *, relu_input=False, relu_output=False, residual=None,
@@ -151,6 +185,9 @@ def pack_weights(backend, dtype, dw_weight, dw_bias, pw_weight, pw_bias, output_
     weight changes, and for another dtype or precision setting (the kernels check the dtype).
     ``output_size`` ([N, Cout, Ho, Wo] of the calls to come) lets the CPU kernel lay oneDNN's
     weights out for that shape; other shapes still run, at the cost of a reorder per call."""
+    # The packed weights are a copy, not a function of the weights that autograd follows.
+    dw_weight, dw_bias, pw_weight, pw_bias = (t.detach() if isinstance(t, torch.Tensor) else t
+                                              for t in (dw_weight, dw_bias, pw_weight, pw_bias))
     if backend == "cpu":
         return torch.ops.xception_fast.pack_cpu(dw_weight, dw_bias, pw_weight, pw_bias, dtype, "auto",
                                                 None if output_size is None else list(output_size))

@@ -1,9 +1,13 @@
 """What the C++ op and the Triton op of the fused unit both register: autograd and autocast.
 
-Autograd: the forward saves only its inputs. The backward recomputes the depthwise result in eager steps
-(and, when act_out is not the identity, the pre-activation of the output through the fused op
-itself, so that the activation's mask is the one the forward applied) instead of keeping them,
-which is where training through the fused op saves activation memory.
+Autograd: the forward saves its inputs, and the backward recomputes the depthwise result in eager
+steps instead of keeping it, which is where training through the fused op saves activation memory;
+``sepconv_keeping_depthwise`` (CPU) returns the depthwise result as well, and its backward takes that
+instead, where a training step would rather spend the memory than a depthwise conv per unit. When
+act_out is not the identity, the pre-activation of the output is recomputed through the fused op
+itself, so that the activation's mask is the one the forward applied. The pointwise conv's
+backward is eager's; the depthwise conv's is the extension's on a CPU (act_in's derivative and
+act_in(x) applied as x is read, so act_in(x) is never made) and eager's elsewhere.
 """
 import torch
 
@@ -27,9 +31,10 @@ def activation_backward(grad, pre, name):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def register_autograd(op_name, forward_op):
-    """Register the backward of ``op_name``; ``forward_op`` (the op itself) recomputes the
-    pre-activation of the output."""
+def register_autograd(op_name, forward_op, keeps_depthwise=False):
+    """Register the backward of ``op_name``; ``forward_op`` (the unit's op, sepconv) recomputes the
+    pre-activation of the output. ``keeps_depthwise``: ``op_name`` returns (output, depthwise
+    result), and the backward takes the depthwise result from it instead of recomputing it."""
 
     def setup_context(ctx, inputs, output):
         (x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation, act_in, act_mid, act_out,
@@ -39,10 +44,14 @@ def register_autograd(op_name, forward_op):
         ctx.conv = (stride, padding, dilation)
         ctx.acts = (act_in, act_mid, act_out)
         ctx.has_residual = residual is not None
-        ctx.save_for_backward(x, dw_weight, dw_bias, pw_weight, pw_bias)
+        saved = (x, dw_weight, dw_bias, pw_weight, pw_bias)
+        if keeps_depthwise:
+            ctx.mark_non_differentiable(output[1])
+            saved += (output[1],)
+        ctx.save_for_backward(*saved)
 
-    def backward(ctx, grad):
-        x, dw_weight, dw_bias, pw_weight, pw_bias = ctx.saved_tensors
+    def backward(ctx, grad, *depthwise_grad):
+        x, dw_weight, dw_bias, pw_weight, pw_bias, *kept = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_x, need_dw, need_dw_bias, need_pw, need_pw_bias = need[:5]
         need_residual = need[5]
@@ -56,10 +65,20 @@ def register_autograd(op_name, forward_op):
 
         dw, pw = cast(dw_weight), cast(pw_weight)
         grad = grad.to(dtype)
-        a = activation(x, act_in)
-        pre_d = torch.nn.functional.conv2d(a, dw, cast(dw_bias), stride=stride, padding=padding, dilation=dilation,
-                                           groups=channels)
-        d = activation(pre_d, act_mid)
+        # ReLU's and ReLU6's masks are the same read from their output as from their input (each
+        # maps the open interval it passes onto itself, and its ends onto the ends), so a kept
+        # depthwise result serves act_mid's backward too; Hardswish's needs the pre-activation.
+        recompute = not kept or act_mid == "hardswish"
+        # On a CPU the depthwise conv's backward is the extension's (act_in applied as x is read),
+        # which needs no act_in(x).
+        on_cpu = x.device.type == "cpu"
+        a = activation(x, act_in) if recompute or (need_dw and not on_cpu) else x
+        if recompute:
+            pre_d = torch.nn.functional.conv2d(a, dw, cast(dw_bias), stride=stride, padding=padding,
+                                               dilation=dilation, groups=channels)
+            d = kept[0] if kept else activation(pre_d, act_mid)
+        else:
+            d = pre_d = kept[0]
         g = grad
         if act_out != "identity":
             z = forward_op(x, dw_weight, dw_bias, pw_weight, pw_bias, None, stride, padding, dilation, act_in, act_mid,
@@ -71,10 +90,14 @@ def register_autograd(op_name, forward_op):
         grad_x = grad_dw = grad_dw_bias = None
         if need_depthwise:
             grad_pre = activation_backward(grad_d, pre_d, act_mid)
-            grad_a, grad_dw, _ = _conv_backward(grad_pre, a, dw, None, [stride] * 2, [padding] * 2, [dilation] * 2,
-                                                False, [0, 0], channels, [need_x, need_dw, False])
-            if need_x:
-                grad_x = activation_backward(grad_a, x, act_in)
+            if on_cpu:
+                grad_x, grad_dw = torch.ops.xception_fast.depthwise_backward(grad_pre, x, dw_weight, stride, padding,
+                                                                             dilation, act_in, [need_x, need_dw])
+            else:
+                grad_a, grad_dw, _ = _conv_backward(grad_pre, a, dw, None, [stride] * 2, [padding] * 2,
+                                                    [dilation] * 2, False, [0, 0], channels, [need_x, need_dw, False])
+                if need_x:
+                    grad_x = activation_backward(grad_a, x, act_in)
             if need_dw_bias and dw_bias is not None:
                 grad_dw_bias = grad_pre.sum((0, 2, 3)).to(dw_bias.dtype)
         return (

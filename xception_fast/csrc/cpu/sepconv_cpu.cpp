@@ -37,9 +37,11 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "sepconv.h"
@@ -406,6 +408,148 @@ XF_FOR_EACH_DEPTHWISE(XF_DEPTHWISE_ROWS)
 #undef XF_DEPTHWISE_ROWS
 
 // ----------------------------------------------------------------------------------------------
+// Depthwise backward: from the gradient at the depthwise conv's output (before its bias), the
+// gradients of x and of the taps, with act_in's derivative and act_in(x) applied as x is read.
+// Eager's backward materialises act_in(x) (recomputed here, where the forward did not keep it),
+// runs the depthwise conv's backward on it and then act_in's backward over its result: three
+// passes and two intermediates, where this is one pass that reads the gradient and x and writes
+// the gradient of x.
+
+template <typename scalar_t, typename acc_t>
+struct DepthwiseBackwardArgs {
+  const scalar_t* grad;  // NHWC [N][Ho][Wo][C]
+  const scalar_t* x;     // NHWC [N][H][W][C]
+  const acc_t* taps;     // [k * k][C]
+  scalar_t* grad_x;      // NHWC [N][H][W][C], or null where it is not needed
+  acc_t* grad_taps;      // [k * k][C], added to; or null where it is not needed
+  int64_t N, C, H, W, Ho, Wo, k, stride, padding, dilation;
+  Act act_in;
+};
+
+// act_in's derivative at x times g, with the kinks where eager's backward kernels put them
+// (threshold_backward, hardtanh_backward, hardswish_backward). A NaN x passes g through, as their
+// scalar loops do (their vector loops differ among themselves there).
+template <typename acc_t, typename V>
+inline __attribute__((always_inline)) V act_in_backward(V g, V x, Act act) {
+  const V zero = {};
+  if (act == Act::kRelu) return x <= acc_t(0) ? zero : g;
+  if (act == Act::kRelu6) return (x <= acc_t(0)) | (x >= acc_t(6)) ? zero : g;
+  if (act == Act::kHardswish) {
+    const V inner = g * (x / acc_t(3) + acc_t(0.5));
+    return x <= acc_t(-3) ? zero : (x < acc_t(3) ? inner : g);
+  }
+  return g;
+}
+template <typename acc_t>
+inline acc_t act_in_backward_scalar(acc_t g, acc_t x, Act act) {
+  if (act == Act::kRelu) return x <= acc_t(0) ? acc_t(0) : g;
+  if (act == Act::kRelu6) return x <= acc_t(0) || x >= acc_t(6) ? acc_t(0) : g;
+  if (act == Act::kHardswish) return x <= acc_t(-3) ? acc_t(0) : (x < acc_t(3) ? g * (x / acc_t(3) + acc_t(0.5)) : g);
+  return g;
+}
+
+// Input rows [r_begin, r_end) (flat n * H + ih). Each input pixel gathers the gradient of the
+// output pixels its taps reach; the same (input pixel, tap, output pixel) triples, each met once,
+// sum the taps' gradient. A vector of channels at a time over a whole input row, the taps and
+// their sums held in registers.
+template <typename scalar_t, typename acc_t, int KS>
+inline __attribute__((always_inline)) void depthwise_backward_rows_impl(
+    const DepthwiseBackwardArgs<scalar_t, acc_t>& a, int64_t r_begin, int64_t r_end) {
+  using vec_t = vec_of<acc_t>;
+  constexpr int64_t lanes = kLanes<acc_t>;
+  constexpr int64_t kMaxK = 7;
+  constexpr int64_t kTaps = KS > 0 ? KS * KS : kMaxK * kMaxK;
+  const int64_t k = KS > 0 ? KS : a.k;
+  const int64_t C = a.C, W = a.W, Wo = a.Wo, stride = a.stride, pad = a.padding, dil = a.dilation;
+  const Activation<acc_t> act(a.act_in);
+  const Act act_kind = a.act_in;
+  const acc_t* __restrict__ taps = a.taps;
+  // The output column each (input column, kw) reaches, or -1.
+  std::vector<int64_t> out_col(static_cast<size_t>(W * k));
+  for (int64_t iw = 0; iw < W; ++iw) {
+    for (int64_t kw = 0; kw < k; ++kw) {
+      const int64_t o = iw + pad - kw * dil;
+      out_col[iw * k + kw] = o >= 0 && o % stride == 0 && o / stride < Wo ? o / stride : -1;
+    }
+  }
+  for (int64_t row = r_begin; row < r_end; ++row) {
+    const int64_t n = row / a.H, ih = row % a.H;
+    const scalar_t* g_rows[kMaxK];  // the output row each kh reaches, or null
+    for (int64_t kh = 0; kh < k; ++kh) {
+      const int64_t o = ih + pad - kh * dil;
+      g_rows[kh] = o >= 0 && o % stride == 0 && o / stride < a.Ho ? a.grad + (n * a.Ho + o / stride) * Wo * C : nullptr;
+    }
+    const scalar_t* __restrict__ x_row = a.x + row * W * C;
+    scalar_t* __restrict__ gx_row = a.grad_x ? a.grad_x + row * W * C : nullptr;
+    int64_t c0 = 0;
+    for (; c0 + lanes <= C; c0 += lanes) {
+      vec_t tap[kTaps], sum[kTaps];
+      for (int64_t t = 0; t < k * k; ++t) {
+        tap[t] = load_vector<acc_t>(taps + t * C + c0);
+        sum[t] = vec_t{};
+      }
+      for (int64_t iw = 0; iw < W; ++iw) {
+        const vec_t xv = load_vector<acc_t>(x_row + iw * C + c0);
+        const vec_t av = act(xv);
+        vec_t ga = {};
+        const int64_t* cols = out_col.data() + iw * k;
+#pragma GCC unroll 7
+        for (int64_t kh = 0; kh < k; ++kh) {
+          if (g_rows[kh] == nullptr) continue;
+#pragma GCC unroll 7
+          for (int64_t kw = 0; kw < k; ++kw) {
+            if (cols[kw] < 0) continue;
+            const vec_t gv = load_vector<acc_t>(g_rows[kh] + cols[kw] * C + c0);
+            ga += gv * tap[kh * k + kw];
+            sum[kh * k + kw] += gv * av;
+          }
+        }
+        if (gx_row) store_vector<scalar_t, acc_t>(gx_row + iw * C + c0, act_in_backward<acc_t>(ga, xv, act_kind));
+      }
+      if (a.grad_taps) {
+        for (int64_t t = 0; t < k * k; ++t) {
+          store_vector<acc_t, acc_t>(a.grad_taps + t * C + c0, load_vector<acc_t>(a.grad_taps + t * C + c0) + sum[t]);
+        }
+      }
+    }
+    for (; c0 < C; ++c0) {
+      acc_t sum[kTaps] = {};
+      for (int64_t iw = 0; iw < W; ++iw) {
+        const acc_t xv = elem_cast<acc_t>(x_row[iw * C + c0]);
+        const acc_t av = act(xv);
+        acc_t ga = 0;
+        for (int64_t kh = 0; kh < k; ++kh) {
+          if (g_rows[kh] == nullptr) continue;
+          for (int64_t kw = 0; kw < k; ++kw) {
+            const int64_t o = out_col[iw * k + kw];
+            if (o < 0) continue;
+            const acc_t gv = elem_cast<acc_t>(g_rows[kh][o * C + c0]);
+            ga += gv * taps[(kh * k + kw) * C + c0];
+            sum[kh * k + kw] += gv * av;
+          }
+        }
+        if (gx_row) gx_row[iw * C + c0] = elem_cast<scalar_t>(act_in_backward_scalar<acc_t>(ga, xv, act_kind));
+      }
+      if (a.grad_taps) {
+        for (int64_t t = 0; t < k * k; ++t) a.grad_taps[t * C + c0] += sum[t];
+      }
+    }
+  }
+}
+
+#define XF_FOR_EACH_DTYPE(X) X(float, float) X(double, double) X(c10::BFloat16, float) X(c10::Half, float)
+
+#define XF_DEPTHWISE_BACKWARD_ROWS(scalar_t, acc_t)                                                          \
+  XF_CPU_CLONES void depthwise_backward_rows(const DepthwiseBackwardArgs<scalar_t, acc_t>& a, int64_t r_begin, \
+                                             int64_t r_end) {                                                \
+    if (a.k == 3) return depthwise_backward_rows_impl<scalar_t, acc_t, 3>(a, r_begin, r_end);                  \
+    if (a.k == 5) return depthwise_backward_rows_impl<scalar_t, acc_t, 5>(a, r_begin, r_end);                  \
+    depthwise_backward_rows_impl<scalar_t, acc_t, 0>(a, r_begin, r_end);                                       \
+  }
+XF_FOR_EACH_DTYPE(XF_DEPTHWISE_BACKWARD_ROWS)
+#undef XF_DEPTHWISE_BACKWARD_ROWS
+
+// ----------------------------------------------------------------------------------------------
 // Epilogue: out = act_out(out + bias) + residual in place, on the block of the output that the
 // product has just stored (still in the core's cache), in fp32.
 
@@ -621,6 +765,11 @@ struct Operands {
   at::Tensor x, residual, out;  // NHWC (channels-last) x and residual, channels-last out
   at::Tensor taps, dw_bias, pointwise, pw_bias;
   std::vector<int64_t> header;
+  // The depthwise result, channels-last in x's dtype, for a backward that would otherwise
+  // recompute it: defined (allocated by the tiled strategy, its own intermediate by the
+  // materialized one) only when the caller keeps it.
+  bool keep_depthwise = false;
+  at::Tensor depthwise;
 };
 
 template <typename scalar_t, typename dst_t, typename acc_t>
@@ -684,6 +833,12 @@ void run_tiled(Operands& o) {
   const float* bias = o.pw_bias.const_data_ptr<float>();
   const float* residual = o.residual.defined() ? o.residual.const_data_ptr<float>() : nullptr;
   float* out = o.out.mutable_data_ptr<float>();
+  float* kept = nullptr;
+  if (o.keep_depthwise) {
+    TORCH_INTERNAL_ASSERT(depth == s.C, "the tiles' depthwise rows are [rows][C]");
+    o.depthwise = at::empty({s.N, s.C, s.Ho, s.Wo}, o.x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    kept = o.depthwise.mutable_data_ptr<float>();
+  }
 
   at::parallel_for(0, plan.tiles * plan.groups, 1, [&](int64_t item_begin, int64_t item_end) {
     std::vector<float> a(static_cast<size_t>(plan.tile_rows * depth));
@@ -695,6 +850,9 @@ void run_tiled(Operands& o) {
         depthwise_rows(dw, in_act, p0, p0 + rows, a.data(), depth);
         rows_of = tile;
       }
+      // The tile's rows are the kept result's rows p0.. (both [pixel][C]): one copy per tile, by
+      // the thread that takes its first group of output channels.
+      if (kept != nullptr && group == 0) std::copy_n(a.data(), rows * depth, kept + p0 * depth);
       const int64_t b_end = std::min(blocks, (group + 1) * plan.blocks_per_group);
       for (int64_t b = group * plan.blocks_per_group; b < b_end; ++b) {
         const int64_t co0 = b * block, cols = std::min(block, s.Cout - co0);
@@ -764,6 +922,7 @@ void run_materialized(Operands& o) {
   const InAct in_act = in_act_kind(s.act_in);
   scalar_t* d_ptr = d.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) { depthwise_rows(dw, in_act, b, e, d_ptr + b * s.C, s.C); });
+  if (o.keep_depthwise) o.depthwise = d;
 
   at::Tensor y;
   if (materialized_in_onednn(o.x.scalar_type())) {
@@ -785,25 +944,37 @@ void run_materialized(Operands& o) {
 // ----------------------------------------------------------------------------------------------
 // The op
 
-at::Tensor sepconv_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
-                       const at::Tensor& pw_weight, const std::optional<at::Tensor>& pw_bias,
-                       const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, int64_t dilation,
-                       c10::string_view act_in, c10::string_view act_mid, c10::string_view act_out,
-                       std::optional<at::TensorList> packed) {
+// The unit's output in x's memory format, and its depthwise result (channels-last) where
+// keep_depthwise asks for it.
+std::tuple<at::Tensor, at::Tensor> run_unit(const at::Tensor& x, const at::Tensor& dw_weight,
+                                            const std::optional<at::Tensor>& dw_bias, const at::Tensor& pw_weight,
+                                            const std::optional<at::Tensor>& pw_bias,
+                                            const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding,
+                                            int64_t dilation, c10::string_view act_in, c10::string_view act_mid,
+                                            c10::string_view act_out, std::optional<at::TensorList> packed,
+                                            bool keep_depthwise) {
   const UnitShape s = check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation,
                                  act_in, act_mid, act_out);
   TORCH_CHECK_VALUE(x.device().is_cpu(), "sepconv (CPU kernel): x must be a CPU tensor, got ", x.device());
   // The ATen calls inside compute in the dtypes chosen here, even under autocast.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto [x_nhwc, res_nhwc, out, memory_format] = nhwc_operands(x, s, residual);
-  if (out.numel() == 0) return out.contiguous(memory_format);
+  if (out.numel() == 0) {
+    return {out.contiguous(memory_format),
+            keep_depthwise ? at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast))
+                           : at::Tensor()};
+  }
 
   std::vector<at::Tensor> own;
   const at::TensorList weights = packed_or_packing(packed, own, [&] {
-    return pack_cpu_impl(dw_weight, dw_bias, pw_weight, pw_bias, x.scalar_type(), "auto",
-                         std::vector<int64_t>{s.N, s.C, s.Ho, s.Wo});
+    // Kept, the depthwise result goes to memory anyway, which is what the tiled product saves;
+    // and weights that come unpacked (a training step's, new every step) would be laid out for it
+    // on every call. The materialized product takes them as they are, in eager's own convolution.
+    return pack_cpu_impl(dw_weight, dw_bias, pw_weight, pw_bias, x.scalar_type(),
+                         keep_depthwise ? "materialized" : "auto", std::vector<int64_t>{s.N, s.C, s.Ho, s.Wo});
   });
   Operands o{s, x_nhwc, res_nhwc, out};
+  o.keep_depthwise = keep_depthwise;
   o.header = check_packed_header(weights, kCpuFormat, s, product_dtype_for(x.scalar_type()), kCpuPackedLength);
   o.taps = weights[1];
   o.dw_bias = weights[2];
@@ -831,7 +1002,86 @@ at::Tensor sepconv_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const s
                         x.scalar_type());
     }
   });
-  return o.out.contiguous(memory_format);
+  return {o.out.contiguous(memory_format), o.depthwise};
+}
+
+at::Tensor sepconv_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
+                       const at::Tensor& pw_weight, const std::optional<at::Tensor>& pw_bias,
+                       const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, int64_t dilation,
+                       c10::string_view act_in, c10::string_view act_mid, c10::string_view act_out,
+                       std::optional<at::TensorList> packed) {
+  return std::get<0>(run_unit(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation, act_in,
+                              act_mid, act_out, packed, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> sepconv_keeping_depthwise_cpu(
+    const at::Tensor& x, const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
+    const at::Tensor& pw_weight, const std::optional<at::Tensor>& pw_bias, const std::optional<at::Tensor>& residual,
+    int64_t stride, int64_t padding, int64_t dilation, c10::string_view act_in, c10::string_view act_mid,
+    c10::string_view act_out, std::optional<at::TensorList> packed) {
+  return run_unit(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation, act_in, act_mid,
+                  act_out, packed, true);
+}
+
+// The gradients of x and of dw_weight ([C, 1, k, k], fp32 for half-precision x; fp64 for fp64)
+// from `grad`, the gradient at the depthwise conv's output, for the depthwise conv of
+// act_in(x); output_mask says which (the other is undefined). grad_x has x's memory format.
+std::tuple<at::Tensor, at::Tensor> depthwise_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                          const at::Tensor& dw_weight, int64_t stride,
+                                                          int64_t padding, int64_t dilation, c10::string_view act_in,
+                                                          std::array<bool, 2> output_mask) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && dw_weight.dim() == 4 && dw_weight.size(0) == x.size(1) && dw_weight.size(1) == 1 &&
+                        dw_weight.size(2) == dw_weight.size(3),
+                    "depthwise_backward: dw_weight must be [C, 1, k, k] with C = x's channels, got ", dw_weight.sizes(),
+                    " for x of shape ", x.sizes());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), k = dw_weight.size(2);
+  TORCH_CHECK_VALUE(k <= 7, "depthwise_backward: kernel size must be at most 7, got ", k);
+  TORCH_CHECK_VALUE(stride >= 1 && dilation >= 1 && padding >= 0,
+                    "depthwise_backward: stride and dilation must be >= 1 and padding >= 0");
+  const int64_t Ho = (H + 2 * padding - dilation * (k - 1) - 1) / stride + 1;
+  const int64_t Wo = (W + 2 * padding - dilation * (k - 1) - 1) / stride + 1;
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == N && grad.size(1) == C && grad.size(2) == Ho &&
+                        grad.size(3) == Wo,
+                    "depthwise_backward: grad must have the depthwise output's shape [", N, ", ", C, ", ", Ho, ", ",
+                    Wo, "], got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.scalar_type() == x.scalar_type(), "depthwise_backward: grad must have x's dtype");
+  TORCH_CHECK_VALUE(x.device().is_cpu() && grad.device().is_cpu() && dw_weight.device().is_cpu(),
+                    "depthwise_backward (CPU kernel): tensors must be on the CPU");
+  const Act act = parse_activation(act_in, "act_in");
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const auto x_nhwc = x.contiguous(cl), g_nhwc = grad.contiguous(cl);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto taps = dw_weight.detach().reshape({C, k * k}).t().to(acc_dtype).contiguous();
+  at::Tensor grad_x, grad_taps;
+  if (output_mask[0]) grad_x = at::empty_like(x_nhwc, x_nhwc.options(), cl);
+  // Per chunk of input rows, its own sums of the taps' gradient, added up in chunk order at the
+  // end: a fixed number of chunks (more where there are more threads), so that the sums' order,
+  // and so the result, does not depend on how the threads share them.
+  const int64_t rows = N * H, chunks = std::min(rows, std::max<int64_t>(32, at::get_num_threads()));
+  at::Tensor partial;
+  if (output_mask[1]) partial = at::zeros({chunks, k * k, C}, x.options().dtype(acc_dtype));
+  if (rows == 0 || C == 0) {
+    grad_taps = output_mask[1] ? at::zeros({k * k, C}, x.options().dtype(acc_dtype)) : at::Tensor();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          DepthwiseBackwardArgs<scalar_t, acc_t> args{
+              g_nhwc.const_data_ptr<scalar_t>(), x_nhwc.const_data_ptr<scalar_t>(), taps.const_data_ptr<acc_t>(),
+              output_mask[0] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
+              output_mask[1] ? partial[chunk].mutable_data_ptr<acc_t>() : nullptr,
+              N, C, H, W, Ho, Wo, k, stride, padding, dilation, act};
+          depthwise_backward_rows(args, rows * chunk / chunks, rows * (chunk + 1) / chunks);
+        }
+      });
+    });
+    if (output_mask[1]) grad_taps = partial.sum(0);
+  }
+  at::Tensor grad_w;
+  if (output_mask[1]) grad_w = grad_taps.t().contiguous().reshape({C, 1, k, k});
+  return {output_mask[0] ? grad_x.contiguous(x.suggest_memory_format()) : at::Tensor(), grad_w};
 }
 
 std::vector<at::Tensor> pack_cpu(const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
@@ -852,6 +1102,8 @@ std::vector<at::Tensor> pack_cpu(const at::Tensor& dw_weight, const std::optiona
 
 TORCH_LIBRARY_IMPL(xception_fast, CPU, m) {
   m.impl("sepconv", &sepconv_cpu);
+  m.impl("sepconv_keeping_depthwise", &sepconv_keeping_depthwise_cpu);
+  m.impl("depthwise_backward", &depthwise_backward_cpu);
   m.impl("pack_cpu", &pack_cpu);
 }
 
