@@ -588,11 +588,8 @@ class FusedSeparableConv2d(_FusedConv, nn.Conv2d):
         # The backend's op itself (ops.sepconv's checks of a user's arguments would cost as much as
         # a small unit's kernel); x is not cast under autocast: the op's autocast rule casts x and
         # the residual itself.
-        if backend == "cpu" and not self.recompute_depthwise and _needs_grad(
-                (x, residual, dw_weight, dw_bias, pw_weight, pw_bias)):
-            return torch.ops.xception_fast.sepconv_keeping_depthwise(x, dw_weight, dw_bias, pw_weight, pw_bias,
-                                                                      residual, *options, packed)[0]
-        return ops.backend_op(backend)(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, *options, packed)
+        return ops.run_backend(backend, (x, dw_weight, dw_bias, pw_weight, pw_bias, residual, *options, packed),
+                               self.recompute_depthwise)
 
     def __setstate__(self, state):
         super().__setstate__(state)

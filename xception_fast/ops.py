@@ -105,6 +105,16 @@ def backend_op(backend):
     return torch.ops.xception_fast.sepconv
 
 
+def run_backend(backend, args, recompute_depthwise=False):
+    """The unit on a concrete backend (not "reference") with the schema's arguments ``args``: on a
+    CPU, where a gradient is needed and ``recompute_depthwise`` is not set, through the op that
+    keeps its depthwise result for the backward."""
+    if backend == "cpu" and not recompute_depthwise and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in args[:6]):
+        return torch.ops.xception_fast.sepconv_keeping_depthwise(*args)[0]
+    return backend_op(backend)(*args)
+
+
 def _check_types(**tensors):
     for name, t in tensors.items():
         if t is not None and not isinstance(t, torch.Tensor):
@@ -154,12 +164,8 @@ def sepconv(x, dw_weight, pw_weight, pw_bias=None, *, dw_bias=None, stride=1, pa
                    act_out)
         return sepconv_reference(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation,
                                  act_in, act_mid, act_out)
-    args = (x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation, act_in, act_mid, act_out,
-            packed)
-    if chosen == "cpu" and not recompute_depthwise and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in args[:6]):
-        return torch.ops.xception_fast.sepconv_keeping_depthwise(*args)[0]
-    return backend_op(chosen)(*args)
+    return run_backend(chosen, (x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation, act_in,
+                                act_mid, act_out, packed), recompute_depthwise)
 
 
 def sepconv_bn(x, dw_weight, pw_weight, bias=None, *, relu_input=False, relu_output=False, residual=None,
