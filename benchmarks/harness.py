@@ -316,11 +316,13 @@ def _memory_format(contender):
     return torch.contiguous_format if contender == "eager_nchw" else torch.channels_last
 
 
-def _compile(module, contender, *example):
+def _compile(module, contender, *example, fresh=True):
     """torch.compile of ``module``, compiled here by a first call (so compilation and autotuning
     are never timed). max-autotune runs with Inductor's freezing, which folds BatchNorm into the
-    convs; freezing applies to inference only."""
-    torch._dynamo.reset()  # a fresh cache per contender: no reuse across modes, no recompile limit
+    convs; freezing applies to inference only. ``fresh``: first reset Dynamo's caches (one test's
+    first compilation; a reset would drop what the same test compiled before)."""
+    if fresh:
+        torch._dynamo.reset()  # a fresh cache per test: no reuse across modes, no recompile limit
     if contender != "compile_max_autotune":
         compiled = torch.compile(module, dynamic=False)
         compiled(*example)
@@ -357,9 +359,10 @@ def _timed_call(call, inputs):
     return fn
 
 
-def build_unit(case):
+def build_unit(case, fresh=True):
     """The no-argument function that runs ``case.contender`` on one separable-unit shape; to be
-    called, as it is timed, under the case's precision_context."""
+    called, as it is timed, under the case's precision_context. ``fresh``: as _compile's (False for
+    the baselines a test builds after its contender)."""
     shape = case.shape
     dtype = DTYPES[case.dtype]
     torch.manual_seed(0)
@@ -376,15 +379,15 @@ def build_unit(case):
     else:
         call = unit.to(dtype).to(memory_format=fmt)
         if case.contender in COMPILERS:
-            call = _compile(call, case.contender, x, r)
+            call = _compile(call, case.contender, x, r, fresh=fresh)
     return _timed_call(call, _rotated((x, r)))
 
 
-def build_model(case):
+def build_model(case, fresh=True):
     """The no-argument function that runs ``case.contender`` on a whole model: one inference
     (``case.kind == "infer"``, eval mode) or one training step (SGD, cross-entropy on random
     labels, train mode); to be called, as it is timed, under the case's precision_context.
-    Returns (fn, extra info)."""
+    ``fresh``: as build_unit's. Returns (fn, extra info)."""
     spec = MODELS[case.model]
     training = case.kind == "train"
     fmt = _memory_format(case.contender)
@@ -400,9 +403,9 @@ def build_model(case):
                                  f"{spec.units}:\n{report}")
         extra["fused_units"] = report.count
         if case.contender.endswith("_compiled"):
-            model = _compile(model, "compile", x)
+            model = _compile(model, "compile", x, fresh=fresh)
     elif case.contender in COMPILERS:
-        model = _compile(model, case.contender, x)
+        model = _compile(model, case.contender, x, fresh=fresh)
     if not training:
         return _timed_call(model, [(x,)]), extra
 
@@ -493,17 +496,25 @@ TIMING = {
 }
 
 # On a CPU (a shared VM, whose load from elsewhere comes in bursts of seconds) each contender is
-# timed round by round in alternation with eager channels_last, and its speedup over eager
-# channels_last is the ratio of the two medians of those same rounds: a burst slows both.
-PAIRED_BASELINE = {"cpu": "eager_cl", "cuda": None}
+# timed round by round in alternation with eager channels_last and, for a fused contender whose
+# case has torch.compile, with torch.compile too: its speedups over them are ratios of the medians
+# of those same rounds, so a burst slows all of them.
+PAIRED_BASELINES = {"cpu": ("eager_cl", "compile"), "cuda": ()}
 
 
-def paired_baseline(case):
-    """The case of the contender timed in alternation with ``case``'s, or None."""
-    baseline = PAIRED_BASELINE[DEVICE.type]
-    if baseline is None or case.contender == baseline:
-        return None
-    return dataclasses.replace(case, contender=baseline)
+def paired_baselines(case):
+    """The cases of the contenders timed in alternation with ``case``'s, in the order each round
+    runs them: eager channels_last for any other contender, and torch.compile for a fused one
+    where the case's plan (MATRIX) has torch.compile."""
+    planned = {c.contender for c in cases(case.kind) if c.group == case.group}
+    out = []
+    for baseline in PAIRED_BASELINES[DEVICE.type]:
+        if baseline == case.contender or baseline not in planned:
+            continue
+        if baseline != "eager_cl" and not case.contender.startswith("fused_"):
+            continue
+        out.append(dataclasses.replace(case, contender=baseline))
+    return out
 
 
 def _warm_up(fn, timing):
@@ -518,30 +529,31 @@ def _warm_up(fn, timing):
     return (time.perf_counter() - start) / calls if calls else per_call
 
 
-def measure(benchmark, fn, baseline=None, model=False):
+def measure(benchmark, fn, baselines=(), model=False):
     """Time ``fn`` with pytest-benchmark after a warm-up that is never timed: one call (the first
     call pays compilation, autotuning, allocation), then more until the device's steady state
-    (TIMING). With ``baseline``, each round first runs the baseline (timed here, outside
-    pytest-benchmark's timer). The round count fills the budget from the warm-up's per-call
-    times. Returns the medians of ``fn`` and of the baseline in seconds (None for one not timed,
-    and for both when pytest-benchmark is disabled)."""
+    (TIMING). With ``baselines`` (no-argument functions), each round first runs each of them in
+    turn (timed here, outside pytest-benchmark's timer). The round count fills the budget from the
+    warm-up's per-call times. Returns the median of ``fn`` and the list of the baselines' medians,
+    in seconds (None and [] when pytest-benchmark is disabled)."""
     timing = TIMING[DEVICE.type]
-    per_round = _warm_up(fn, timing) + (_warm_up(baseline, timing) if baseline else 0.0)
+    per_round = _warm_up(fn, timing) + sum(_warm_up(b, timing) for b in baselines)
     budget = timing["model_budget_s"] if model else timing["budget_s"]
     least = timing["model_min_rounds"] if model else timing["min_rounds"]
     rounds = max(least, min(timing["max_rounds"], int(budget / per_round)))
-    baseline_times = []
+    baseline_times = [[] for _ in baselines]
 
-    def timed_baseline():
-        start = time.perf_counter()
-        baseline()
-        baseline_times.append(time.perf_counter() - start)
+    def timed_baselines():
+        for baseline, times in zip(baselines, baseline_times):
+            start = time.perf_counter()
+            baseline()
+            times.append(time.perf_counter() - start)
 
-    benchmark.pedantic(fn, setup=timed_baseline if baseline else None, rounds=rounds, warmup_rounds=0,
+    benchmark.pedantic(fn, setup=timed_baselines if baselines else None, rounds=rounds, warmup_rounds=0,
                        iterations=1)
     if benchmark.stats is None:
-        return None, None
-    return benchmark.stats.stats.median, statistics.median(baseline_times) if baseline_times else None
+        return None, []
+    return benchmark.stats.stats.median, [statistics.median(times) for times in baseline_times]
 
 
 def require(contender):

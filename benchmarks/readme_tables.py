@@ -5,7 +5,8 @@
 prints the models table (one row per model found in the files, in harness.MODELS' order) and the
 per-layer table (from the files that have units), as markdown. Every number is a ratio of medians
 from one run: "x eager" is a contender's median against the eager channels_last median timed in
-alternation with it, "x compile" torch.compile's median of the same case against the contender's.
+alternation with it, "x compile" torch.compile's median against the contender's: the one timed in
+alternation with it where the run did (else that of torch.compile's own test of the case).
 """
 import json
 import sys
@@ -31,13 +32,23 @@ def _median(rows, contender, **where):
     return None
 
 
+def _over(rows, got, baseline):
+    """A result's speedup over ``baseline`` in its case: over the baseline's median timed in
+    alternation with it, else over the baseline's own test's; None where neither was measured."""
+    paired = got.get("paired_medians_s", {}).get(baseline)
+    if paired is None:
+        own = _median(rows, baseline, shape=got["shape"], dtype=got["dtype"], batch=got["batch"])
+        paired = own and own["median_s"]
+    return paired and paired / got["median_s"]
+
+
 def _speedups(rows, fused, **where):
     """"x eager / x compile" of contender ``fused`` in the case ``where``, or "not measured"."""
-    got, compiled = _median(rows, fused, **where), _median(rows, "compile", **where)
-    if got is None or compiled is None:
+    got = _median(rows, fused, **where)
+    over = got and [_over(rows, got, b) for b in ("eager_cl", "compile")]
+    if not over or None in over:
         return "not measured"
-    return f"{_ratio(got['paired_baseline_median_s'] / got['median_s'])} / " \
-           f"{_ratio(compiled['median_s'] / got['median_s'])}"
+    return " / ".join(_ratio(v) for v in over)
 
 
 def models_table(runs):
@@ -56,8 +67,8 @@ def models_table(runs):
         cells = [_speedups(rows, "fused_cpu", shape=shape, dtype=dtype, batch=batch)
                  for dtype, batch in (("fp32", 1), ("fp32", 8), ("amp-bf16", 1), ("amp-bf16", 8))]
         both = _median(rows, "fused_cpu_compiled", shape=shape, dtype="fp32", batch=8)
-        compiled = _median(rows, "compile", shape=shape, dtype="fp32", batch=8)
-        composed = _ratio(compiled["median_s"] / both["median_s"]) if both and compiled else "not measured"
+        composed = both and _over(rows, both, "compile")
+        composed = "not measured" if composed is None else _ratio(composed)
         lines.append(f"| {_LABELS.get(name, name)} | {fused} | {errors} | " + " | ".join(cells) + f" | {composed} |")
     return "\n".join(lines)
 
@@ -72,9 +83,10 @@ def units_table(runs):
         cells = []
         for dtype, batch in _UNIT_COLUMNS:
             got = _median(rows, "fused_cpu", shape=shape, dtype=dtype, batch=batch)
-            cells.append(_ratio(got["paired_baseline_median_s"] / got["median_s"]) if got else "—")
-        got, compiled = (_median(rows, c, shape=shape, dtype="fp32", batch=8) for c in ("fused_cpu", "compile"))
-        cells.append(_ratio(compiled["median_s"] / got["median_s"]) if got and compiled else "—")
+            cells.append(_ratio(got["paired_medians_s"]["eager_cl"] / got["median_s"]) if got else "—")
+        got = _median(rows, "fused_cpu", shape=shape, dtype="fp32", batch=8)
+        over = got and _over(rows, got, "compile")
+        cells.append("—" if over is None else _ratio(over))
         lines.append(f"| {shape} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -89,11 +89,11 @@ class Results:
     def path(self, ext):
         return os.path.join(self.out_dir, f"{self.env['slug']}.{ext}")
 
-    def add(self, benchmark, case, median, layers, math, extra=None, paired=(None, None)):
+    def add(self, benchmark, case, median, layers, math, extra=None, paired=()):
         """Attach the case's extra_info to the benchmark and keep it for the summary; ``layers``
-        is the work as [(FLOP, minimum bytes)] (see peaks.roofline); ``paired``: the case timed in
-        alternation with this one (harness.paired_baseline) and its median, or Nones."""
-        paired_case, paired_median = paired
+        is the work as [(FLOP, minimum bytes)] (see peaks.roofline); ``paired``: (case, median) of
+        each case timed in alternation with this one (harness.paired_baselines)."""
+        paired = {c.contender: m for c, m in paired if m is not None}
         info = {
             "device": self.env["device"], "torch": self.env["torch"], "triton": self.env["triton"],
             "kind": case.kind, "shape": case.label, "dtype": case.dtype, "batch": case.batch,
@@ -101,8 +101,8 @@ class Results:
             "peak_flops": self.peaks["flops"][math], "peak_bandwidth": self.peaks["bandwidth"],
             "peaks_source": self.peaks["source"], **(extra or {}),
         }
-        if paired_case is not None and paired_median is not None:
-            info.update(paired_baseline=paired_case.contender, paired_baseline_median_s=paired_median)
+        if paired:
+            info["paired_medians_s"] = paired
         if median is not None:
             info.update(roofline(layers, median, self.peaks["flops"][math], self.peaks["bandwidth"]))
         benchmark.extra_info.update(info)
@@ -141,11 +141,13 @@ class Results:
         for r in self.rows:
             group = medians[r["group"]]
             ratios = {b: group[b] / r["median_s"] for b in BASELINES if b in group}
-            if r.get("paired_baseline_median_s") is not None:
-                ratios[r["paired_baseline"]] = r["paired_baseline_median_s"] / r["median_s"]
             compiled = [group[c] for c in COMPILERS if c in group]
             if compiled:
                 ratios["compile"] = min(compiled) / r["median_s"]
+            # Timed in alternation with this contender, a baseline's own median in this test is the
+            # one to compare with (the other test's carries a different moment's load).
+            for baseline, median in r.get("paired_medians_s", {}).items():
+                ratios[baseline] = median / r["median_s"]
             out.append(ratios)
         return out
 
@@ -168,9 +170,11 @@ class Results:
             lines.append("- **some results exceed 100 % of the roofline: the peaks above understate what this "
                          "device reached (if measured: while other processes loaded it?). Read the roofline "
                          "column as relative only, or rerun on an idle machine.**")
-        paired = any(r.get("paired_baseline") == "eager_cl" for r in self.rows)
-        paired_note = ("eager CL (paired): the median of eager channels_last timed in alternation with the "
-                       "contender, round by round, in the same test; × eager CL is the ratio of the two medians. "
+        paired = any(r.get("paired_medians_s") for r in self.rows)
+        paired_note = ("eager CL (paired), compile (paired): the medians of eager channels_last and (for a fused "
+                       "contender) torch.compile timed in alternation with the contender, round by round, in the "
+                       "same test; × eager CL and × compile are the ratios of those medians to the contender's, "
+                       "where they were timed (else of the other tests' medians). "
                        if paired else "")
         lines += [
             "",
@@ -187,12 +191,12 @@ class Results:
             if r["panel"] != panel:
                 panel = r["panel"]
                 lines += ["", f"## {panel}", "",
-                          "| case | contender | median | eager CL (paired) | × eager CL | × compile | TFLOP/s | GB/s "
-                          "| roofline | |",
-                          "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-            paired_median = r.get("paired_baseline_median_s") if r.get("paired_baseline") == "eager_cl" else None
+                          "| case | contender | median | eager CL (paired) | compile (paired) | × eager CL | × compile "
+                          "| TFLOP/s | GB/s | roofline | |",
+                          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            paired = r.get("paired_medians_s", {})
             cells = [r["row"], r["contender"], _time(r["median_s"]),
-                     "—" if paired_median is None else _time(paired_median),
+                     *("—" if paired.get(k) is None else _time(paired[k]) for k in ("eager_cl", "compile")),
                      *(_ratio(s.get(k)) for k in ("eager_cl", "compile")),
                      f"{r['tflops']:.3g}", "—" if r["gbps"] is None else f"{r['gbps']:.4g}",
                      f"{100 * r['roofline_fraction']:.1f} %", _slower(r, s)]
@@ -250,24 +254,25 @@ class Results:
                 lines.append(f"- {panel}, {contender}: at least as fast as eager channels_last on "
                              f"{len(mine) - len(losers)} of {len(mine)} units (lowest {lowest:.2f}×)"
                              + (f"; **slower** on {', '.join(losers)}" if losers else ""))
-        spread = self._eager_spread()
-        if spread:
-            worst_group, worst = max(spread.items(), key=lambda item: item[1])
-            lines.append(f"- eager channels_last, measured once per contender of a case: its medians within one "
-                         f"model case differ by at most {100 * worst:.1f} % ({worst_group})")
+        for baseline, name in (("eager_cl", "eager channels_last"), ("compile", "torch.compile")):
+            spread = self._spread(baseline)
+            if spread:
+                worst_group, worst = max(spread.items(), key=lambda item: item[1])
+                lines.append(f"- {name}, measured in its own test and with each contender it is paired with: its "
+                             f"medians within one model case differ by at most {100 * worst:.1f} % ({worst_group})")
         return lines
 
-    def _eager_spread(self):
-        """Per model case, the spread (max / min - 1) of eager channels_last's medians: its own
-        test's and those timed in alternation with each other contender."""
+    def _spread(self, baseline):
+        """Per model case, the spread (max / min - 1) of ``baseline``'s medians: its own test's and
+        those timed in alternation with each other contender."""
         medians = {}
         for r in self.rows:
             if r["kind"] == "unit":
                 continue
-            if r["contender"] == "eager_cl":
+            if r["contender"] == baseline:
                 medians.setdefault(r["group"], []).append(r["median_s"])
-            elif r.get("paired_baseline") == "eager_cl" and r.get("paired_baseline_median_s"):
-                medians.setdefault(r["group"], []).append(r["paired_baseline_median_s"])
+            elif r.get("paired_medians_s", {}).get(baseline):
+                medians.setdefault(r["group"], []).append(r["paired_medians_s"][baseline])
         return {g: max(v) / min(v) - 1 for g, v in medians.items() if len(v) > 1}
 
     def write_tables(self):

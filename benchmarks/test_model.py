@@ -4,7 +4,7 @@ by side."""
 import pytest
 import torch
 
-from .harness import (DEVICE, MODEL_PRECISIONS, MODELS, build_model, cases, measure, paired_baseline,
+from .harness import (DEVICE, MODEL_PRECISIONS, MODELS, build_model, cases, measure, paired_baselines,
                       precision_context, require)
 from .peaks import math_mode, model_layers
 
@@ -15,12 +15,13 @@ CASES = cases("infer") + cases("train")
 def test_model(benchmark, results, case):
     require(case.contender)
     benchmark.group = case.group
-    baseline = paired_baseline(case)
+    baselines = paired_baselines(case)
     with precision_context(case.dtype, inference=case.kind == "infer"):
         fn, extra = build_model(case)
-        median, baseline_median = measure(benchmark, fn, baseline and build_model(baseline)[0], model=True)
+        median, baseline_medians = measure(benchmark, fn, [build_model(b, fresh=False)[0] for b in baselines],
+                                           model=True)
     # Under autocast the convs and the classifier run in the autocast dtype.
     dtype = MODEL_PRECISIONS[case.dtype] or torch.float32
     layers = model_layers(case.model, case.batch, dtype.itemsize, training=case.kind == "train")
     results.add(benchmark, case, median, layers, math_mode(DEVICE, dtype), extra,
-                paired=(baseline, baseline_median))
+                paired=zip(baselines, baseline_medians))
