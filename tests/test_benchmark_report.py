@@ -1,0 +1,62 @@
+"""The benchmarks' bookkeeping: which contenders a test times in alternation, and that the speedups
+the summary and the README tables print are the ratios of those same rounds' medians."""
+import dataclasses
+
+import pytest
+
+from benchmarks import harness, readme_tables
+from benchmarks.report import Results
+
+_ENV = {"device": "a CPU (2 threads)", "slug": "cpu-test-2t", "profile": "full", "torch": "t", "triton": None,
+        "python": "3", "date": "today", "commit": "abc"}
+_PEAKS = {"flops": {"fp32": 1e12}, "bandwidth": 1e11, "source": "test"}
+
+
+def _row(contender, median, paired=None):
+    row = {"kind": "infer", "shape": "net 224²", "dtype": "fp32", "batch": 8, "contender": contender,
+           "group": "infer net 224² fp32 b8", "panel": "Whole model, inference, fp32, batch 8", "row": "net 224²",
+           "median_s": median, "tflops": 1.0, "gbps": 1.0, "roofline_fraction": 0.5}
+    if paired:
+        row["paired_medians_s"] = paired
+    return row
+
+
+@pytest.mark.skipif(harness.DEVICE.type != "cpu" or harness.PROFILE != "full",
+                    reason="the pairing rule checked is the CPU's full profile")
+def test_fused_contenders_are_paired_with_eager_and_compile_where_their_case_has_it():
+    shape = harness.UNIT_SHAPES[0]
+    fused = harness.Case("unit", "fp32", 8, "fused_cpu", shape=shape)
+
+    def paired(case):
+        return [c.contender for c in harness.paired_baselines(case)]
+
+    assert paired(fused) == ["eager_cl", "compile"]
+    assert all(c.group == fused.group for c in harness.paired_baselines(fused))
+    # bf16 units have no torch.compile contender; compile itself and eager pair only with eager.
+    assert paired(dataclasses.replace(fused, dtype="bf16")) == ["eager_cl"]
+    assert paired(dataclasses.replace(fused, contender="compile")) == ["eager_cl"]
+    assert paired(dataclasses.replace(fused, contender="eager_cl")) == []
+    model = harness.Case("infer", "fp32", 8, "fused_cpu_compiled", model="Xception")
+    assert paired(model) == ["eager_cl", "compile"]
+
+
+def test_speedups_are_ratios_of_the_paired_medians(tmp_path):
+    results = Results(_ENV, _PEAKS, str(tmp_path))
+    results.rows = [_row("eager_cl", 1.0), _row("compile", 1.0),
+                    _row("fused_cpu", 0.5, {"eager_cl": 0.8, "compile": 0.6}), _row("fused_cpu_compiled", 0.5)]
+    paired, unpaired = results.speedups()[2:]
+    assert paired["eager_cl"] == pytest.approx(1.6) and paired["compile"] == pytest.approx(1.2)
+    # Without medians timed beside it, a contender is compared with the other tests' medians.
+    assert unpaired["eager_cl"] == pytest.approx(2.0) and unpaired["compile"] == pytest.approx(2.0)
+    table = results.markdown()
+    assert "| net 224² | fused_cpu | 500 ms | 800 ms | 600 ms | 1.60× | 1.20× |" in table
+    assert "| net 224² | fused_cpu_compiled | 500 ms | — | — | 2.00× | 2.00× |" in table
+
+
+def test_readme_tables_use_the_paired_medians():
+    rows = [_row("eager_cl", 1.0), _row("compile", 1.0), _row("fused_cpu", 0.5, {"eager_cl": 0.8, "compile": 0.6}),
+            _row("fused_cpu_compiled", 0.5, {"eager_cl": 0.7, "compile": 0.45})]
+    assert readme_tables._speedups(rows, "fused_cpu", shape="net 224²", dtype="fp32", batch=8) == "1.60 / 1.20"
+    assert readme_tables._over(rows, rows[3], "compile") == pytest.approx(0.9)
+    del rows[2]["paired_medians_s"]["compile"]
+    assert readme_tables._speedups(rows, "fused_cpu", shape="net 224²", dtype="fp32", batch=8) == "1.60 / 2.00"
