@@ -453,6 +453,44 @@ def test_fine_tuning_with_frozen_batchnorms():
     check_train_step(model, fused, randn(3, 3, 29, 35, seed=27), torch.tensor([2, 7, 0]))
 
 
+def _linear_mobilenet(seed):
+    """timm's blocks with no activation, in eval: folded convs and fused units whose gradients at
+    rounding level are not a coin toss at a ReLU6's clip points."""
+    return randomize_model_(nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16),
+        nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16),
+        DepthwiseSeparableConv(16, 24, act_layer=nn.Identity),
+        InvertedResidual(24, 32, dw_kernel_size=5, stride=2, exp_ratio=6.0, act_layer=nn.Identity),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)), seed=seed).eval()
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "weights-need-grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eval_mode_gradients_match_eager(dtype, frozen):
+    """An eval-mode model differentiated (input gradients, saliency, adversarial inputs; or weights
+    being fine-tuned with BatchNorms frozen): the folded convs must stay differentiable, for x as for
+    the weights, in fp32 and under bf16 autocast (oneDNN's fused convolution has no derivative)."""
+    eager = _linear_mobilenet(seed=44)
+    eager.requires_grad_(not frozen)
+    fused, report = fuse(eager)
+    assert report.count == 2 and len(report.folded) == 3, report
+    x = randn(2, 3, 37, 29, seed=45).contiguous(memory_format=torch.channels_last)
+
+    def grads(model, x, autocast):
+        model.zero_grad()
+        x = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(x).float().square().sum().backward()
+        assert x.grad is not None, "the input has a gradient"
+        weights = [p.grad for _, p in sorted(model.named_parameters())]
+        assert all((g is None) == frozen for g in weights), "the weights have gradients iff they need them"
+        return torch.cat([x.grad.reshape(-1)] + [g.reshape(-1) for g in weights if g is not None])
+
+    bf16 = dtype == torch.bfloat16
+    assert_exact(grads(fused, x, bf16), grads(eager, x, bf16), grads(copy.deepcopy(eager).double(), x.double(), False),
+                 f"{dtype} gradients")
+
+
 def test_fold_is_redone_when_weights_change():
     fused, _ = fuse(randomize_model_(Xception(num_classes=10), seed=28).eval())
     x = randn(1, 3, 71, 71, seed=29)
@@ -633,7 +671,10 @@ def test_torch_compile_keeps_packed_weights_until_a_weight_changes(mobilenet, mo
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-def test_bf16_folded_convs_keep_onednn_weights_until_a_weight_changes(mobilenet, monkeypatch):
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_folded_convs_keep_onednn_weights_until_a_weight_changes(mobilenet, monkeypatch, autocast):
+    """Channels-last folded convs run as oneDNN's convolution with post-ops, in fp32 as under bf16
+    autocast, on the weight reordered once per weight version."""
     fused, report = fuse(mobilenet)
     reorders = []
     reorder = FusedConv2dBN._onednn_weight
@@ -647,18 +688,28 @@ def test_bf16_folded_convs_keep_onednn_weights_until_a_weight_changes(mobilenet,
     ref = reference(mobilenet, x)
 
     def check(eager, what):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             got, expected = logits(fused, x), logits(eager, x)
         assert_exact(got.float(), expected.float(), ref if eager is mobilenet else reference(eager, x), what)
 
-    check(mobilenet, "bf16 autocast")
+    check(mobilenet, "first call")
     assert len(reorders) == len(report.folded), "each folded conv reorders its weight once"
-    check(mobilenet, "bf16 autocast, again")
+    check(mobilenet, "again")
     assert len(reorders) == len(report.folded), "and never again for the same weights and input size"
     changed = copy.deepcopy(mobilenet)
     change_in_place_(fused, changed)
-    check(changed, "bf16 autocast, after the change")
+    check(changed, "after the change")
     assert len(reorders) == 2 * len(report.folded)
+    conv = getattr(torch.backends.mkldnn, "conv", None)
+    if not autocast and hasattr(conv, "fp32_precision"):
+        # oneDNN lays out a float32 weight for the precision its setting allows.
+        saved = conv.fp32_precision
+        try:
+            conv.fp32_precision = "bf16"
+            check(changed, "with fp32_precision='bf16'")
+        finally:
+            conv.fp32_precision = saved
+        assert len(reorders) == 3 * len(report.folded), "a new setting, a new reorder"
 
 
 def test_opcheck_of_the_op_torch_compile_calls(mobilenet):

@@ -297,12 +297,17 @@ class _FusedConv:
                             0, self.dilation, self.groups)
         return self._conv_forward(x, weight, bias)
 
-    def _in_onednn(self, x, dtype):
-        """Whether this conv of x in dtype runs as oneDNN's convolution with post-ops: bfloat16 on
-        a CPU with oneDNN."""
-        return (x.device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-                and torch.backends.mkldnn.enabled and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str))
+    def _in_onednn(self, x, dtype, tensors):
+        """Whether this conv of x in dtype, with ``tensors`` (its weight and bias), runs as oneDNN's
+        convolution with its bias and activation as post-ops: on a CPU with oneDNN, for bfloat16,
+        and for float32 with channels-last x (where eager's convolution is oneDNN's too, without
+        the activation's pass over its result); never where autograd needs the result, as oneDNN's
+        op has no derivative (its gradients would silently be none)."""
+        float32 = dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+        return (x.device.type == "cpu" and (dtype == torch.bfloat16 or float32)
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and not _needs_grad((x,) + tuple(tensors)))
 
     def _onednn_input_size(self, x):
         """The size of the input oneDNN's convolution takes for x (padded for timm's "same" rule)."""
@@ -322,22 +327,31 @@ class _FusedConv:
         return torch.ops.mkldnn._reorder_convolution_weight(weight, self._onednn_padding(), list(self.stride),
                                                            list(self.dilation), self.groups, list(input_size))
 
+    def _conv_in_onednn(self, x, weight, bias, act, onednn_weight=None):
+        """This conv as oneDNN's convolution with ``bias`` and, where the op has it, the activation
+        module ``act`` in its epilogue (``onednn_weight``: the weight in oneDNN's layout for this
+        input, if given). Returns (result, the activation still to apply or None), or None where
+        ``_in_onednn`` does not allow it."""
+        if not self._in_onednn(x, weight.dtype, (weight, bias)):
+            return None
+        name = "identity" if act is None else _act_name(act)
+        attr, scalars = _ONEDNN_ACTIVATIONS[name or "identity"]
+        if self._conv_class is not nn.Conv2d:
+            x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
+        y = torch.ops.mkldnn._convolution_pointwise(x, weight if onednn_weight is None else onednn_weight, bias,
+                                                    self._onednn_padding(), list(self.stride), list(self.dilation),
+                                                    self.groups, attr, scalars, None)
+        return y, None if name else act
+
     def _conv_with_float32_bias(self, x, weight, bias, act, onednn_weight=None):
         """This conv with half-precision weights plus a float32 bias, the sum rounded once to the
         conv's half-precision result (where eager's BatchNorm rounds its output; a half-precision
         conv bias would be rounded before the add). On a CPU with oneDNN that is one convolution
-        with the bias, and the activation module ``act``, in its epilogue (with ``onednn_weight``,
-        the weight in oneDNN's layout for this input, if given); elsewhere an add into the conv's
-        result. Returns (result, the activation still to apply or None)."""
-        name = "identity" if act is None else _act_name(act)
-        if weight.dtype == torch.bfloat16 and self._in_onednn(x, x.dtype) and name is not None:
-            attr, scalars = _ONEDNN_ACTIVATIONS[name]
-            if self._conv_class is not nn.Conv2d:
-                x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
-            y = torch.ops.mkldnn._convolution_pointwise(x, weight if onednn_weight is None else onednn_weight,
-                                                        bias, self._onednn_padding(), list(self.stride),
-                                                        list(self.dilation), self.groups, attr, scalars, None)
-            return y, None
+        with the bias, and the activation, in its epilogue (``_conv_in_onednn``); elsewhere an add
+        into the conv's result. Returns (result, the activation still to apply or None)."""
+        in_onednn = weight.dtype == torch.bfloat16 and self._conv_in_onednn(x, weight, bias, act, onednn_weight)
+        if in_onednn:
+            return in_onednn
         # In place: the float32 sum is rounded once, into the conv's half-precision result.
         return self._conv_with(x, weight, None).add_(bias.reshape(-1, 1, 1)), act
 
@@ -400,20 +414,22 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
         dtype = _compute_dtype(x)
         versions = _versions(sources)
         # Kept with the fold, the weight in oneDNN's layout for this input size (a reorder has no
-        # gradient, and traced it would run on every call: only for a cached fold).
-        input_size = self._onednn_input_size(x) if versions is not None and self._in_onednn(x, dtype) else None
+        # gradient, and traced it would run on every call: only for a cached fold). oneDNN lays out
+        # a float32 weight for the precision its setting allows, which the key therefore holds.
+        input_size = (self._onednn_input_size(x) if versions is not None and self._in_onednn(x, dtype, ())
+                      else None)
+        precision = _fp32_precision() if input_size is not None and dtype == torch.float32 else None
 
         def make():
             # The tensors the key was made of (sources: weight, bias, then bn's _bn_sources).
             weight, bias = fold_bn(sources[0], *sources[2:6], bn.eps, sources[1])
-            if dtype not in _HALF:
-                return weight.to(x.dtype), bias.to(x.dtype), None
-            weight = weight.to(dtype)
+            weight = weight.to(dtype if dtype in _HALF else x.dtype)
+            bias = bias if dtype in _HALF else bias.to(x.dtype)
             return weight, bias, None if input_size is None else self._onednn_weight(weight, input_size)
 
         if versions is not None:
             weight, bias, onednn_weight = self._cached(
-                sources, versions + (bn.eps, dtype, torch.is_inference_mode_enabled(), input_size), make)
+                sources, versions + (bn.eps, dtype, torch.is_inference_mode_enabled(), input_size, precision), make)
         else:
             weight, bias, onednn_weight = make()
         if bn_act:
@@ -424,7 +440,9 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
             # Under autocast x may come in float32; the conv would cast it as eager's does.
             y, act = self._conv_with_float32_bias(x.to(dtype), weight, bias, act, onednn_weight)
         else:
-            y = self._conv_with(x, weight, bias)
+            # float32: oneDNN's convolution where the cached fold holds its weight for this input.
+            in_onednn = onednn_weight is not None and self._conv_in_onednn(x, weight, bias, act, onednn_weight)
+            y, act = in_onednn or (self._conv_with(x, weight, bias), act)
         return y if act is None else act(y)
 
     def extra_repr(self):
