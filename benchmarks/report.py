@@ -60,8 +60,11 @@ def environment(device, profile):
         name = torch.cuda.get_device_name(device)
         slug = _slug(name)
     else:
-        name = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
-        slug = f"cpu-{_slug(_cpu_name())}-{torch.get_num_threads()}t"
+        # The vector ISA ATen dispatches to: one model name covers CPUs with and without AVX-512
+        # (an "AMD EPYC" may be either), whose results differ.
+        isa = torch.backends.cpu.get_cpu_capability()
+        name = f"{_cpu_name()} ({isa}, {torch.get_num_threads()} threads)"
+        slug = f"cpu-{_slug(_cpu_name())}-{_slug(isa)}-{torch.get_num_threads()}t"
     return {
         "device": name,
         "slug": slug if profile == "full" else f"{slug}-{profile}",

@@ -78,6 +78,10 @@ _DROP_PATH = tuple(c for c in (_optional_class("timm.layers.drop", "DropPath"),
                                _optional_class("torchvision.ops.stochastic_depth", "StochasticDepth")) if c)
 
 
+# Whether oneDNN's convolution takes bfloat16 on this CPU: it needs AVX-512 (BW, VL, DQ) or
+# AVX-NE-CONVERT, and refuses bf16 elsewhere (AVX2 CPUs), where eager's convolution runs ATen's own.
+_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
 # The op's activations as oneDNN's convolution post-ops (mkldnn::_convolution_pointwise's attr).
 _ONEDNN_ACTIVATIONS = {"identity": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
                        "hardswish": ("hardswish", [])}
@@ -299,12 +303,12 @@ class _FusedConv:
 
     def _in_onednn(self, x, dtype, tensors):
         """Whether this conv of x in dtype, with ``tensors`` (its weight and bias), runs as oneDNN's
-        convolution with its bias and activation as post-ops: on a CPU with oneDNN, for bfloat16,
-        and for float32 with channels-last x (where eager's convolution is oneDNN's too, without
+        convolution with its bias and activation as post-ops: on a CPU with oneDNN, for bfloat16
+        where oneDNN has it (``_ONEDNN_BF16``), and for float32 with channels-last x (where eager's convolution is oneDNN's too, without
         the activation's pass over its result); never where autograd needs the result, as oneDNN's
         op has no derivative (its gradients would silently be none)."""
         float32 = dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
-        return (x.device.type == "cpu" and (dtype == torch.bfloat16 or float32)
+        return (x.device.type == "cpu" and ((dtype == torch.bfloat16 and _ONEDNN_BF16) or float32)
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and not _needs_grad((x,) + tuple(tensors)))

@@ -657,8 +657,15 @@ int64_t block_width_for(int64_t Cout) {
 // and post-ops: for half-precision x, where the output's rounding dwarfs the order of the fp32
 // sums. fp32 and fp64 x take ATen's convolution, eager's own, whose sums (its algorithm is chosen
 // per shape) the exactness rule compares with.
+// oneDNN's bf16 convolution needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: on other x86 CPUs (AVX2
+// ones) its ops refuse bf16, and a bf16 unit multiplies in ATen's convolution, as eager's does there.
 bool materialized_in_onednn(at::ScalarType dtype) {
-  return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() && dtype == at::kBFloat16;
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn() || dtype != at::kBFloat16) return false;
+  static const bool has_bf16 = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("mkldnn::_is_mkldnn_bf16_supported", "")
+                                   .typed<bool()>()
+                                   .call();
+  return has_bf16;
 }
 
 // The oneDNN-prepacked weight (what torch.compile's CPU backend emits), or the plain weight where
