@@ -446,7 +446,15 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
         else:
             # float32: oneDNN's convolution where the cached fold holds its weight for this input.
             in_onednn = onednn_weight is not None and self._conv_in_onednn(x, weight, bias, act, onednn_weight)
-            y, act = in_onednn or (self._conv_with(x, weight, bias), act)
+            if in_onednn:
+                y, act = in_onednn
+            elif _needs_grad((x, weight, bias)):
+                # The folded bias's gradient is eager's BatchNorm bias gradient, a sum over the
+                # pixels: ATen's CPU convolution backward sums it coarser than autograd's sum for a
+                # broadcast add (torch.sum's), so the bias is added apart where a gradient is made.
+                y = self._conv_with(x, weight, None) + bias.reshape(-1, 1, 1)
+            else:
+                y = self._conv_with(x, weight, bias)
         return y if act is None else act(y)
 
     def extra_repr(self):
