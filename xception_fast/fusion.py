@@ -304,8 +304,8 @@ class _FusedConv:
     def _in_onednn(self, x, dtype, tensors):
         """Whether this conv of x in dtype, with ``tensors`` (its weight and bias), runs as oneDNN's
         convolution with its bias and activation as post-ops: on a CPU with oneDNN, for bfloat16
-        where oneDNN has it (``_ONEDNN_BF16``), and for float32 with channels-last x (where eager's convolution is oneDNN's too, without
-        the activation's pass over its result); never where autograd needs the result, as oneDNN's
+        where oneDNN has it (``_ONEDNN_BF16``), and for float32 with channels-last x (where eager's
+        convolution is oneDNN's too, without the activation's pass over its result); never where autograd needs the result, as oneDNN's
         op has no derivative (its gradients would silently be none)."""
         float32 = dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
         return (x.device.type == "cpu" and ((dtype == torch.bfloat16 and _ONEDNN_BF16) or float32)
