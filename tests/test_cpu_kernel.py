@@ -1,10 +1,13 @@
 """The CPU kernel's own paths (xception_fast/csrc/cpu/sepconv_cpu.cpp): each product strategy, the
 rule that chooses between them, the depthwise result kept for the backward, the fp32 precision
 setting, packed weights in the fused modules going stale when a weight changes, and the depthwise
-conv's backward."""
+conv's backward; and each vector width the kernel's loops are compiled for."""
 import contextlib
 import dataclasses
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -283,3 +286,37 @@ def test_depthwise_backward_is_deterministic_and_checked():
         torch.ops.xception_fast.depthwise_backward(grad, x, w, 1, 1, 1, "gelu", [True, True])
     with pytest.raises(ValueError, match="dw_weight must be"):
         torch.ops.xception_fast.depthwise_backward(grad, x, w[:3], 1, 1, 1, "relu", [True, True])
+
+
+# What the narrower settings of ATEN_CPU_CAPABILITY leave the CPU kernel's loops, in bytes per
+# vector, on an x86 CPU that has the instructions.
+NARROWER_CAPABILITIES = {"avx2": 32, "default": 16}
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_capped(capability, *args):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=TESTS, timeout=900)
+
+
+@pytest.mark.parametrize("capability", sorted(NARROWER_CAPABILITIES))
+def test_each_vector_width(capability):
+    """The channel loops are compiled once per vector width (AVX-512, AVX2, baseline) and the
+    widest this CPU has runs: the rest of the suite tests that one. Capped by ATEN_CPU_CAPABILITY,
+    a process runs a narrower one; there the op tests on CPU run again (exactness of every option,
+    shape and dtype, the strategies, the depthwise backward, gradients)."""
+    widest = torch.ops.xception_fast.cpu_vector_bytes()
+    capped = run_capped(capability, "-c", "import torch, xception_fast.ops; "
+                                          "print(torch.ops.xception_fast.cpu_vector_bytes())")
+    assert capped.returncode == 0, capped.stderr[-3000:]
+    width = int(capped.stdout.split()[-1])
+    assert width <= min(widest, NARROWER_CAPABILITIES[capability])
+    if width == widest:
+        pytest.skip(f"this CPU's widest loops are {widest}-byte ones already: the suite runs them")
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert width == NARROWER_CAPABILITIES[capability]
+    done = run_capped(capability, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_cpu_kernel.py",
+                      "test_sepconv.py", "test_gradients.py", "-k",
+                      "not vector_width and not triton and not cuda and not reference and not gpu")
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout, done.stdout[-3000:]

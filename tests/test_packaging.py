@@ -73,3 +73,15 @@ def test_the_wheel_carries_the_kernel_sources(tmp_path):
 
     for source in _build_config.CPU_SOURCES + _build_config.CUDA_SOURCES + _build_config.HEADERS:
         assert f"xception_fast/{source}" in names, f"the wheel lacks {source}"
+
+
+def test_the_build_command_reports_what_was_compiled():
+    """`python -m xception_fast._extension` says whether the CUDA kernel is in the library (CI fails
+    on --require-cuda without it): built without the CUDA sources, it must say so. The CPU-only
+    build is the one the tests load already (no compile here)."""
+    env = dict(os.environ, XCEPTION_FAST_SKIP_CUDA="1")
+    env.pop("XCEPTION_FAST_BUILD_CUDA", None)
+    done = subprocess.run([sys.executable, "-m", "xception_fast._extension"], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "CUDA kernel compiled in: False" in done.stdout, done.stdout

@@ -133,9 +133,12 @@ def main(argv=None):
                              "(CI compiles it on every run)")
     args = parser.parse_args(argv)
     from . import ops  # noqa: F401  - the schemas the kernels register for
+    # Under `python -m` this file runs as __main__, a second copy of the module: the loaders that
+    # ops installed are the package module's, and so must be the load that replaces them.
+    from . import _extension as package_module
 
-    how = load(require_cuda=args.require_cuda)
-    cuda = has_cuda_kernel()
+    how = package_module.load(require_cuda=args.require_cuda)
+    cuda = package_module.has_cuda_kernel()
     print(f"xception_fast extension: {how}; CUDA kernel compiled in: {cuda}")
     return 1 if args.require_cuda and not cuda else 0
 

@@ -35,8 +35,12 @@ _lib.define("pack_cpu(Tensor dw_weight, Tensor? dw_bias, Tensor pw_weight, Tenso
 # and of dw_weight from the gradient at the depthwise output, act_in applied as x is read.
 _lib.define("depthwise_backward(Tensor grad, Tensor x, Tensor dw_weight, int stride, int padding, int dilation, "
             "str act_in, bool[2] output_mask) -> (Tensor, Tensor)")
+# The width in bytes of the vectors the CPU kernel's channel loops run on this machine: 64 (AVX-512),
+# 32 (AVX2) or 16 (any other CPU); ATen's choice of instruction set (ATEN_CPU_CAPABILITY) caps it.
+_lib.define("cpu_vector_bytes() -> int")
 _extension.install_loaders("xception_fast", {"sepconv": ("CPU", "CUDA"), "sepconv_keeping_depthwise": ("CPU",),
-                                             "pack_cpu": ("CPU",), "depthwise_backward": ("CPU",)})
+                                             "pack_cpu": ("CPU",), "depthwise_backward": ("CPU",),
+                                             "cpu_vector_bytes": ("CompositeExplicitAutograd",)})
 
 
 @torch.library.register_fake("xception_fast::sepconv")

@@ -30,6 +30,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -41,7 +42,10 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "sepconv.h"
@@ -73,85 +77,131 @@ inline c10::BFloat16 elem_cast<c10::BFloat16, float>(float f) {
   return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
 }
 
-// The inner loops work on one vector of channels at a time: 64 bytes, one AVX-512 register or two
-// AVX2 ones.
-constexpr int kVectorBytes = 64;
-template <typename acc_t>
-constexpr int64_t kLanes = kVectorBytes / sizeof(acc_t);
-// GCC vector types (one per element type: the attribute cannot take a template parameter).
-template <typename acc_t>
+// The inner loops work on one vector of channels at a time, as wide as the instruction set they are
+// compiled for has registers: 64 bytes with AVX-512, 32 with AVX2, 16 otherwise (SSE2, NEON). Each
+// loop is compiled once per width (for_this_cpu, below). One width for all would not do: GCC keeps
+// a vector wider than the target's registers in memory, and the AVX2 build of 64-byte loops ran
+// the depthwise rows several times slower than eager's convolution.
+// GCC vector types, one per (element type, width): the attribute cannot take a template parameter.
+template <typename T, int VB>
 struct VectorOf;
-template <>
-struct VectorOf<float> {
-  using type = float __attribute__((vector_size(kVectorBytes)));
-};
-template <>
-struct VectorOf<double> {
-  using type = double __attribute__((vector_size(kVectorBytes)));
-};
-template <typename acc_t>
-using vec_of = typename VectorOf<acc_t>::type;
-using bits32_vec = uint32_t __attribute__((vector_size(kVectorBytes)));
-using mask32_vec = int32_t __attribute__((vector_size(kVectorBytes)));
-using bits16_vec = uint16_t __attribute__((vector_size(kVectorBytes / 2)));
-using half_vec = _Float16 __attribute__((vector_size(kVectorBytes / 2)));
+#define XF_VECTOR_TYPE(T, VB)                         \
+  template <>                                         \
+  struct VectorOf<T, VB> {                            \
+    using type = T __attribute__((vector_size(VB))); \
+  };
+#define XF_VECTOR_TYPES(T) XF_VECTOR_TYPE(T, 8) XF_VECTOR_TYPE(T, 16) XF_VECTOR_TYPE(T, 32) XF_VECTOR_TYPE(T, 64)
+XF_VECTOR_TYPES(float)
+XF_VECTOR_TYPES(double)
+XF_VECTOR_TYPES(uint32_t)
+XF_VECTOR_TYPES(int32_t)
+XF_VECTOR_TYPES(uint16_t)
+XF_VECTOR_TYPES(_Float16)
+#undef XF_VECTOR_TYPES
+#undef XF_VECTOR_TYPE
+template <typename T, int VB>
+using vector_t = typename VectorOf<T, VB>::type;
+// A vector of accumulators VB bytes wide, and its lanes.
+template <typename acc_t, int VB>
+using vec_of = vector_t<acc_t, VB>;
+template <typename acc_t, int VB>
+constexpr int64_t kLanes = VB / sizeof(acc_t);
 
 // Half-precision conversions of a whole vector as vector operations (element by element they
 // compile to scalar code, a branch per NaN check): bfloat16 by its bits, float16 through _Float16,
-// which the AVX2 and AVX-512 clones convert with F16C / AVX512-FP16 instructions.
+// which the AVX2 and AVX-512 builds convert with F16C instructions.
 // bfloat16 -> float puts each 16-bit pattern in the high half of a 32-bit one: one interleave with
 // zeros (a single permute with AVX-512, where widening then shifting takes five instructions).
-inline __attribute__((always_inline)) vec_of<float> widen_bf16(const c10::BFloat16* src) {
-  using bits16x32_vec = uint16_t __attribute__((vector_size(kVectorBytes)));
-  bits16_vec h;
+template <int VB, size_t... I>
+inline __attribute__((always_inline)) vec_of<float, VB> widen_bf16(const c10::BFloat16* src,
+                                                                   std::index_sequence<I...>) {
+  using half_bits = vector_t<uint16_t, VB / 2>;
+  half_bits h;
   std::memcpy(&h, src, sizeof(h));
-  const bits16_vec zero = {};
-  const bits16x32_vec interleaved = __builtin_shufflevector(zero, h, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22,
-                                                            7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14,
-                                                            30, 15, 31);
-  vec_of<float> v;
+  const half_bits zero = {};
+  // Lane 2i from zero (the low half of float i), lane 2i + 1 from h[i] (its high half).
+  const vector_t<uint16_t, VB> interleaved =
+      __builtin_shufflevector(zero, h, (I % 2 ? int(kLanes<float, VB>) + int(I / 2) : int(I / 2))...);
+  vec_of<float, VB> v;
   std::memcpy(&v, &interleaved, sizeof(v));
   return v;
 }
-inline __attribute__((always_inline)) bits16_vec bf16_bits(const vec_of<float>& v) {
-  bits32_vec bits;
+template <int VB>
+inline __attribute__((always_inline)) vector_t<uint16_t, VB / 2> bf16_bits(const vec_of<float, VB>& v) {
+  using bits32 = vector_t<uint32_t, VB>;
+  bits32 bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  const bits32_vec rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const mask32_vec nan = v != v;
-  return __builtin_convertvector(nan ? bits32_vec{} + 0x7FC0u : rounded, bits16_vec);
-}
-inline __attribute__((always_inline)) vec_of<float> widen_half(const c10::Half* src) {
-  half_vec h;
-  std::memcpy(&h, src, sizeof(h));
-  return __builtin_convertvector(h, vec_of<float>);
+  const bits32 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const vector_t<int32_t, VB> nan = v != v;
+  return __builtin_convertvector(nan ? bits32{} + 0x7FC0u : rounded, vector_t<uint16_t, VB / 2>);
 }
 
-template <typename acc_t, typename scalar_t>
-inline __attribute__((always_inline)) vec_of<acc_t> load_vector(const scalar_t* src) {
+template <typename acc_t, int VB, typename scalar_t>
+inline __attribute__((always_inline)) vec_of<acc_t, VB> load_vector(const scalar_t* src) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    return widen_bf16(src);
+    return widen_bf16<VB>(src, std::make_index_sequence<2 * kLanes<float, VB>>{});
   } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    return widen_half(src);
+    vector_t<_Float16, VB / 2> h;
+    std::memcpy(&h, src, sizeof(h));
+    return __builtin_convertvector(h, vec_of<float, VB>);
   } else {
     static_assert(std::is_same_v<scalar_t, acc_t>, "no such conversion");
-    vec_of<acc_t> v;
+    vec_of<acc_t, VB> v;
     std::memcpy(&v, src, sizeof(v));
     return v;
   }
 }
 
-template <typename dst_t, typename acc_t>
-inline __attribute__((always_inline)) void store_vector(dst_t* dst, const vec_of<acc_t>& v) {
+template <typename dst_t, typename acc_t, int VB>
+inline __attribute__((always_inline)) void store_vector(dst_t* dst, const vec_of<acc_t, VB>& v) {
   if constexpr (std::is_same_v<dst_t, c10::BFloat16>) {
-    const bits16_vec h = bf16_bits(v);
+    const auto h = bf16_bits<VB>(v);
     std::memcpy(dst, &h, sizeof(h));
   } else if constexpr (std::is_same_v<dst_t, c10::Half>) {
-    const half_vec h = __builtin_convertvector(v, half_vec);
+    const auto h = __builtin_convertvector(v, vector_t<_Float16, VB / 2>);
     std::memcpy(dst, &h, sizeof(h));
   } else {
     static_assert(std::is_same_v<dst_t, acc_t>, "no such conversion");
     std::memcpy(dst, &v, sizeof(v));
   }
+}
+
+// Calls body(std::integral_constant<int, VB>{}) from a function compiled for the widest instruction
+// set this CPU has, VB its vector width in bytes. The body and everything it calls must be inlined
+// (always_inline): code out of line is compiled for the baseline instruction set. ATen's choice of
+// instruction set caps it, so that ATEN_CPU_CAPABILITY=avx2 or =default picks the narrower loops
+// here as it does ATen's own (that is how the tests run each build on one machine).
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename Body>
+__attribute__((target("arch=x86-64-v4"))) void run_avx512(const Body& body) {
+  body(std::integral_constant<int, 64>{});
+}
+template <typename Body>
+__attribute__((target("arch=x86-64-v3"))) void run_avx2(const Body& body) {
+  body(std::integral_constant<int, 32>{});
+}
+#endif
+
+// The vector width for_this_cpu runs: 64, 32 or 16 bytes.
+int vector_bytes() {
+  static const int bytes = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const std::string aten = at::get_cpu_capability();
+    if (aten == "AVX512" && __builtin_cpu_supports("x86-64-v4")) return 64;
+    if ((aten == "AVX512" || aten == "AVX2") && __builtin_cpu_supports("x86-64-v3")) return 32;
+#endif
+    return 16;
+  }();
+  return bytes;
+}
+
+template <typename Body>
+inline void for_this_cpu(const Body& body) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (vector_bytes() == 64) return run_avx512(body);
+  if (vector_bytes() == 32) return run_avx2(body);
+#endif
+  body(std::integral_constant<int, 16>{});
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -231,12 +281,12 @@ struct DepthwiseArgs {
 // columns check each tap. Within a group the pixels walk the channels together, one vector at a
 // time: every input row is read in order (what the hardware prefetchers follow), and each tap's
 // vector, loaded once from L1, serves the whole group.
-template <typename scalar_t, typename dst_t, typename acc_t, int KS, InAct IA>
+template <int VB, typename scalar_t, typename dst_t, typename acc_t, int KS, InAct IA>
 inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseArgs<scalar_t, acc_t>& a,
                                                                 int64_t p_begin, int64_t p_end,
                                                                 dst_t* __restrict__ dst, int64_t ld_dst) {
-  using vec_t = vec_of<acc_t>;
-  constexpr int64_t lanes = kLanes<acc_t>;
+  using vec_t = vec_of<acc_t, VB>;
+  constexpr int64_t lanes = kLanes<acc_t, VB>;
   // Pixels per group: a 5x5 (or larger) window's many taps make the rows compute-bound, limited by
   // each pixel's chain of dependent FMAs, and four pixels keep four chains in flight; a 3x3
   // window's few taps leave the rows bound by memory, where more pixels per group only add input
@@ -250,7 +300,7 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
   const acc_t* __restrict__ taps = a.taps;
   const acc_t* __restrict__ dw_bias = a.bias;
   // The lambdas are inlined by force: out of line they would be compiled outside the entry point's
-  // AVX-512 / AVX2 clones, for the baseline instruction set.
+  // AVX-512 / AVX2 build (for_this_cpu), for the baseline instruction set.
   auto finish = [&](auto v) __attribute__((always_inline)) { return mid(v); };
   // The output columns whose window lies inside x: ow * stride - pad >= 0 and
   // ow * stride - pad + (k - 1) * dil <= W - 1.
@@ -274,16 +324,16 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
         const acc_t* __restrict__ tap_row = taps + tap_rows[r] * k * C + c0;
 #pragma GCC unroll 7
         for (int64_t kw = 0; kw < k; ++kw) {
-          const vec_t tap = load_vector<acc_t>(tap_row + kw * C);
+          const vec_t tap = load_vector<acc_t, VB>(tap_row + kw * C);
 #pragma GCC unroll 4
           for (int64_t g = 0; g < G; ++g) {
-            acc[g] += apply_in_act<IA, acc_t>(load_vector<acc_t>(base + kw * tap_step + g * pixel_step), in) * tap;
+            acc[g] += apply_in_act<IA, acc_t>(load_vector<acc_t, VB>(base + kw * tap_step + g * pixel_step), in) * tap;
           }
         }
       }
-      const vec_t bias = load_vector<acc_t>(dw_bias + c0);
+      const vec_t bias = load_vector<acc_t, VB>(dw_bias + c0);
 #pragma GCC unroll 4
-      for (int64_t g = 0; g < G; ++g) store_vector<dst_t, acc_t>(out + g * ld_dst + c0, finish(acc[g] + bias));
+      for (int64_t g = 0; g < G; ++g) store_vector<dst_t, acc_t, VB>(out + g * ld_dst + c0, finish(acc[g] + bias));
     }
     for (; c0 < C; ++c0) {
       for (int64_t g = 0; g < G; ++g) {
@@ -308,11 +358,11 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
         for (int64_t kw = 0; kw < k; ++kw) {
           const int64_t iw = iw0 + kw * dil;
           if (iw < 0 || iw >= W) continue;
-          acc += apply_in_act<IA, acc_t>(load_vector<acc_t>(in_rows[r] + iw * C + c0), in) *
-                 load_vector<acc_t>(taps + (tap_rows[r] * k + kw) * C + c0);
+          acc += apply_in_act<IA, acc_t>(load_vector<acc_t, VB>(in_rows[r] + iw * C + c0), in) *
+                 load_vector<acc_t, VB>(taps + (tap_rows[r] * k + kw) * C + c0);
         }
       }
-      store_vector<dst_t, acc_t>(out + c0, finish(acc + load_vector<acc_t>(dw_bias + c0)));
+      store_vector<dst_t, acc_t, VB>(out + c0, finish(acc + load_vector<acc_t, VB>(dw_bias + c0)));
     }
     for (; c0 < C; ++c0) {
       acc_t acc = 0;
@@ -363,46 +413,44 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
   }
 }
 
-// One non-template entry point per (x dtype, destination dtype), so that the compiler builds
-// AVX-512 and AVX2 clones of the channel loops and picks one at load time; the portable build
-// still runs everywhere.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define XF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define XF_CPU_CLONES
-#endif
-
 // (x dtype, depthwise destination dtype, accumulator dtype): the depthwise result goes to memory in
 // x's dtype (materialized), or to the fp32 tiles (tiled, fp32 x).
 #define XF_FOR_EACH_DEPTHWISE(X) \
   X(float, float, float) X(double, double, double) X(c10::BFloat16, c10::BFloat16, float) X(c10::Half, c10::Half, float)
 
-template <typename scalar_t, typename dst_t, typename acc_t, InAct IA>
+template <int VB, typename scalar_t, typename dst_t, typename acc_t, InAct IA>
 inline __attribute__((always_inline)) void depthwise_rows_for_act(const DepthwiseArgs<scalar_t, acc_t>& a,
                                                                    int64_t p_begin, int64_t p_end, dst_t* dst,
                                                                    int64_t ld_dst) {
   // The kernel sizes of the models (3: Xception, MobileNet; 5: EfficientNet, MnasNet) with their
   // taps unrolled; the others (1, 7) through the general loop.
   if (a.k == 3) {
-    depthwise_rows_impl<scalar_t, dst_t, acc_t, 3, IA>(a, p_begin, p_end, dst, ld_dst);
+    depthwise_rows_impl<VB, scalar_t, dst_t, acc_t, 3, IA>(a, p_begin, p_end, dst, ld_dst);
   } else if (a.k == 5) {
-    depthwise_rows_impl<scalar_t, dst_t, acc_t, 5, IA>(a, p_begin, p_end, dst, ld_dst);
+    depthwise_rows_impl<VB, scalar_t, dst_t, acc_t, 5, IA>(a, p_begin, p_end, dst, ld_dst);
   } else {
-    depthwise_rows_impl<scalar_t, dst_t, acc_t, 0, IA>(a, p_begin, p_end, dst, ld_dst);
+    depthwise_rows_impl<VB, scalar_t, dst_t, acc_t, 0, IA>(a, p_begin, p_end, dst, ld_dst);
   }
 }
 
-#define XF_DEPTHWISE_ROWS(scalar_t, dst_t, acc_t)                                                          \
-  XF_CPU_CLONES void depthwise_rows(const DepthwiseArgs<scalar_t, acc_t>& a, InAct in_act, int64_t p_begin, \
-                                    int64_t p_end, dst_t* dst, int64_t ld_dst) {                          \
-    switch (in_act) {                                                                                     \
-      case InAct::kNone:                                                                                  \
-        return depthwise_rows_for_act<scalar_t, dst_t, acc_t, InAct::kNone>(a, p_begin, p_end, dst, ld_dst); \
-      case InAct::kRelu:                                                                                  \
-        return depthwise_rows_for_act<scalar_t, dst_t, acc_t, InAct::kRelu>(a, p_begin, p_end, dst, ld_dst); \
-      case InAct::kOther:                                                                                 \
-        return depthwise_rows_for_act<scalar_t, dst_t, acc_t, InAct::kOther>(a, p_begin, p_end, dst, ld_dst); \
-    }                                                                                                     \
+// One entry point per (x dtype, destination dtype), each running the loops built for this CPU.
+#define XF_DEPTHWISE_ROWS(scalar_t, dst_t, acc_t)                                                            \
+  void depthwise_rows(const DepthwiseArgs<scalar_t, acc_t>& a, InAct in_act, int64_t p_begin, int64_t p_end, \
+                      dst_t* dst, int64_t ld_dst) {                                                          \
+    for_this_cpu([&](auto vb) __attribute__((always_inline)) {                                               \
+      constexpr int VB = decltype(vb)::value;                                                                \
+      switch (in_act) {                                                                                      \
+        case InAct::kNone:                                                                                   \
+          return depthwise_rows_for_act<VB, scalar_t, dst_t, acc_t, InAct::kNone>(a, p_begin, p_end, dst,    \
+                                                                                  ld_dst);                   \
+        case InAct::kRelu:                                                                                   \
+          return depthwise_rows_for_act<VB, scalar_t, dst_t, acc_t, InAct::kRelu>(a, p_begin, p_end, dst,    \
+                                                                                  ld_dst);                   \
+        case InAct::kOther:                                                                                  \
+          return depthwise_rows_for_act<VB, scalar_t, dst_t, acc_t, InAct::kOther>(a, p_begin, p_end, dst,   \
+                                                                                   ld_dst);                  \
+      }                                                                                                      \
+    });                                                                                                      \
   }
 XF_FOR_EACH_DEPTHWISE(XF_DEPTHWISE_ROWS)
 #undef XF_DEPTHWISE_ROWS
@@ -452,11 +500,11 @@ inline acc_t act_in_backward_scalar(acc_t g, acc_t x, Act act) {
 // output pixels its taps reach; the same (input pixel, tap, output pixel) triples, each met once,
 // sum the taps' gradient. A vector of channels at a time over a whole input row, the taps and
 // their sums held in registers.
-template <typename scalar_t, typename acc_t, int KS>
+template <int VB, typename scalar_t, typename acc_t, int KS>
 inline __attribute__((always_inline)) void depthwise_backward_rows_impl(
     const DepthwiseBackwardArgs<scalar_t, acc_t>& a, int64_t r_begin, int64_t r_end) {
-  using vec_t = vec_of<acc_t>;
-  constexpr int64_t lanes = kLanes<acc_t>;
+  using vec_t = vec_of<acc_t, VB>;
+  constexpr int64_t lanes = kLanes<acc_t, VB>;
   constexpr int64_t kMaxK = 7;
   constexpr int64_t kTaps = KS > 0 ? KS * KS : kMaxK * kMaxK;
   const int64_t k = KS > 0 ? KS : a.k;
@@ -485,11 +533,11 @@ inline __attribute__((always_inline)) void depthwise_backward_rows_impl(
     for (; c0 + lanes <= C; c0 += lanes) {
       vec_t tap[kTaps], sum[kTaps];
       for (int64_t t = 0; t < k * k; ++t) {
-        tap[t] = load_vector<acc_t>(taps + t * C + c0);
+        tap[t] = load_vector<acc_t, VB>(taps + t * C + c0);
         sum[t] = vec_t{};
       }
       for (int64_t iw = 0; iw < W; ++iw) {
-        const vec_t xv = load_vector<acc_t>(x_row + iw * C + c0);
+        const vec_t xv = load_vector<acc_t, VB>(x_row + iw * C + c0);
         const vec_t av = act(xv);
         vec_t ga = {};
         const int64_t* cols = out_col.data() + iw * k;
@@ -499,16 +547,16 @@ inline __attribute__((always_inline)) void depthwise_backward_rows_impl(
 #pragma GCC unroll 7
           for (int64_t kw = 0; kw < k; ++kw) {
             if (cols[kw] < 0) continue;
-            const vec_t gv = load_vector<acc_t>(g_rows[kh] + cols[kw] * C + c0);
+            const vec_t gv = load_vector<acc_t, VB>(g_rows[kh] + cols[kw] * C + c0);
             ga += gv * tap[kh * k + kw];
             sum[kh * k + kw] += gv * av;
           }
         }
-        if (gx_row) store_vector<scalar_t, acc_t>(gx_row + iw * C + c0, act_in_backward<acc_t>(ga, xv, act_kind));
+        if (gx_row) store_vector<scalar_t, acc_t, VB>(gx_row + iw * C + c0, act_in_backward<acc_t>(ga, xv, act_kind));
       }
       if (a.grad_taps) {
         for (int64_t t = 0; t < k * k; ++t) {
-          store_vector<acc_t, acc_t>(a.grad_taps + t * C + c0, load_vector<acc_t>(a.grad_taps + t * C + c0) + sum[t]);
+          store_vector<acc_t, acc_t, VB>(a.grad_taps + t * C + c0, load_vector<acc_t, VB>(a.grad_taps + t * C + c0) + sum[t]);
         }
       }
     }
@@ -539,12 +587,14 @@ inline __attribute__((always_inline)) void depthwise_backward_rows_impl(
 
 #define XF_FOR_EACH_DTYPE(X) X(float, float) X(double, double) X(c10::BFloat16, float) X(c10::Half, float)
 
-#define XF_DEPTHWISE_BACKWARD_ROWS(scalar_t, acc_t)                                                          \
-  XF_CPU_CLONES void depthwise_backward_rows(const DepthwiseBackwardArgs<scalar_t, acc_t>& a, int64_t r_begin, \
-                                             int64_t r_end) {                                                \
-    if (a.k == 3) return depthwise_backward_rows_impl<scalar_t, acc_t, 3>(a, r_begin, r_end);                  \
-    if (a.k == 5) return depthwise_backward_rows_impl<scalar_t, acc_t, 5>(a, r_begin, r_end);                  \
-    depthwise_backward_rows_impl<scalar_t, acc_t, 0>(a, r_begin, r_end);                                       \
+#define XF_DEPTHWISE_BACKWARD_ROWS(scalar_t, acc_t)                                                       \
+  void depthwise_backward_rows(const DepthwiseBackwardArgs<scalar_t, acc_t>& a, int64_t r_begin, int64_t r_end) { \
+    for_this_cpu([&](auto vb) __attribute__((always_inline)) {                                                \
+      constexpr int VB = decltype(vb)::value;                                                                 \
+      if (a.k == 3) return depthwise_backward_rows_impl<VB, scalar_t, acc_t, 3>(a, r_begin, r_end);           \
+      if (a.k == 5) return depthwise_backward_rows_impl<VB, scalar_t, acc_t, 5>(a, r_begin, r_end);           \
+      depthwise_backward_rows_impl<VB, scalar_t, acc_t, 0>(a, r_begin, r_end);                                \
+    });                                                                                                       \
   }
 XF_FOR_EACH_DTYPE(XF_DEPTHWISE_BACKWARD_ROWS)
 #undef XF_DEPTHWISE_BACKWARD_ROWS
@@ -553,25 +603,34 @@ XF_FOR_EACH_DTYPE(XF_DEPTHWISE_BACKWARD_ROWS)
 // Epilogue: out = act_out(out + bias) + residual in place, on the block of the output that the
 // product has just stored (still in the core's cache), in fp32.
 
-XF_CPU_CLONES void epilogue_in_place(float* out, int64_t ld_out, int64_t rows, int64_t cols, const float* bias,
-                                     Act act_out, const float* residual) {
-  using vec_t = vec_of<float>;
-  constexpr int64_t lanes = kLanes<float>;
+template <int VB>
+inline __attribute__((always_inline)) void epilogue_in_place_impl(float* out, int64_t ld_out, int64_t rows,
+                                                                  int64_t cols, const float* bias, Act act_out,
+                                                                  const float* residual) {
+  using vec_t = vec_of<float, VB>;
+  constexpr int64_t lanes = kLanes<float, VB>;
   const Activation<float> act(act_out);
   for (int64_t r = 0; r < rows; ++r) {
     float* o = out + r * ld_out;
     const float* res = residual ? residual + r * ld_out : nullptr;
     int64_t j = 0;
     for (; j + lanes <= cols; j += lanes) {
-      vec_t v = act(load_vector<float>(o + j) + load_vector<float>(bias + j));
-      if (res) v += load_vector<float>(res + j);
-      store_vector<float, float>(o + j, v);
+      vec_t v = act(load_vector<float, VB>(o + j) + load_vector<float, VB>(bias + j));
+      if (res) v += load_vector<float, VB>(res + j);
+      store_vector<float, float, VB>(o + j, v);
     }
     for (; j < cols; ++j) {
       const float v = act(o[j] + bias[j]);
       o[j] = res ? v + res[j] : v;
     }
   }
+}
+
+void epilogue_in_place(float* out, int64_t ld_out, int64_t rows, int64_t cols, const float* bias, Act act_out,
+                       const float* residual) {
+  for_this_cpu([&](auto vb) __attribute__((always_inline)) {
+    epilogue_in_place_impl<decltype(vb)::value>(out, ld_out, rows, cols, bias, act_out, residual);
+  });
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -795,9 +854,13 @@ DepthwiseArgs<scalar_t, acc_t> depthwise_args(const Operands& o) {
 // makes too few tiles for every thread to have several (batch 1, small maps), the tiles shrink
 // first (down to kMinTileRows), and only then do the output channels split into groups, each of
 // which computes the tile's depthwise rows again. The tile count is a multiple of the thread
-// count, so that no thread waits on another's last tile.
+// count and the tiles' rows differ by one at most, so that every thread gets the same number of
+// rows: the threads take equal runs of tiles, and a thread with one tile more than the others, of
+// a unit whose product dwarfs the rest, makes the whole unit that much slower.
 struct TilePlan {
-  int64_t tile_rows, tiles, groups, blocks_per_group;
+  int64_t M, tiles, groups, blocks_per_group;
+  int64_t first_row(int64_t tile) const { return M * tile / tiles; }
+  int64_t max_rows() const { return (M + tiles - 1) / tiles; }
 };
 
 constexpr int64_t kMinTileRows = 32;
@@ -812,15 +875,14 @@ int64_t l2_bytes_per_core() {
 }
 
 TilePlan plan_tiles(int64_t M, int64_t depth, int64_t operand_size, int64_t blocks) {
-  TilePlan p;
   static const int64_t budget = l2_bytes_per_core() / 2;
   const int64_t threads = at::get_num_threads(), wanted = 4 * threads;
-  p.tile_rows = std::clamp<int64_t>(budget / (depth * operand_size) / 16 * 16, kMinTileRows, 256);
-  const int64_t rows_for_enough_tiles = (M + wanted - 1) / wanted;
-  p.tile_rows = std::max(kMinTileRows, std::min(p.tile_rows, (rows_for_enough_tiles + 15) / 16 * 16));
-  const int64_t balanced = ((M + p.tile_rows - 1) / p.tile_rows + threads - 1) / threads * threads;
-  p.tile_rows = std::max(kMinTileRows, ((M + balanced - 1) / balanced + 15) / 16 * 16);
-  p.tiles = (M + p.tile_rows - 1) / p.tile_rows;
+  const int64_t rows_in_budget = std::clamp<int64_t>(budget / (depth * operand_size), kMinTileRows, 256);
+  int64_t tiles = std::max((M + rows_in_budget - 1) / rows_in_budget, std::min(wanted, M / kMinTileRows));
+  if (tiles >= threads) tiles = (tiles + threads - 1) / threads * threads;
+  TilePlan p;
+  p.M = M;
+  p.tiles = std::clamp<int64_t>(tiles, 1, M);
   p.groups = std::min(blocks, std::max<int64_t>(1, (wanted + p.tiles - 1) / p.tiles));
   p.blocks_per_group = (blocks + p.groups - 1) / p.groups;
   p.groups = (blocks + p.blocks_per_group - 1) / p.blocks_per_group;
@@ -848,11 +910,11 @@ void run_tiled(Operands& o) {
   }
 
   at::parallel_for(0, plan.tiles * plan.groups, 1, [&](int64_t item_begin, int64_t item_end) {
-    std::vector<float> a(static_cast<size_t>(plan.tile_rows * depth));
+    std::vector<float> a(static_cast<size_t>(plan.max_rows() * depth));
     int64_t rows_of = -1;  // the tile whose depthwise rows `a` holds
     for (int64_t item = item_begin; item < item_end; ++item) {
       const int64_t tile = item / plan.groups, group = item % plan.groups;
-      const int64_t p0 = tile * plan.tile_rows, rows = std::min(plan.tile_rows, M - p0);
+      const int64_t p0 = plan.first_row(tile), rows = plan.first_row(tile + 1) - p0;
       if (tile != rows_of) {
         depthwise_rows(dw, in_act, p0, p0 + rows, a.data(), depth);
         rows_of = tile;
@@ -1105,6 +1167,8 @@ std::vector<at::Tensor> pack_cpu(const at::Tensor& dw_weight, const std::optiona
                        input_size.has_value() ? at::OptionalIntArrayRef(*input_size) : std::nullopt);
 }
 
+int64_t cpu_vector_bytes() { return vector_bytes(); }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(xception_fast, CPU, m) {
@@ -1113,5 +1177,8 @@ TORCH_LIBRARY_IMPL(xception_fast, CPU, m) {
   m.impl("depthwise_backward", &depthwise_backward_cpu);
   m.impl("pack_cpu", &pack_cpu);
 }
+
+// No tensor to dispatch on: one kernel for every key.
+TORCH_LIBRARY_IMPL(xception_fast, CompositeExplicitAutograd, m) { m.impl("cpu_vector_bytes", &cpu_vector_bytes); }
 
 }  // namespace xception_fast
