@@ -49,6 +49,11 @@ def _commit():
     return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
+# The settings that cap the instruction sets ATen's kernels (and so the CPU kernel's loops) and
+# oneDNN's use below what the CPU has.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
 def environment(device, profile):
     try:
         import triton
@@ -63,8 +68,11 @@ def environment(device, profile):
         # The vector ISA ATen dispatches to: one model name covers CPUs with and without AVX-512
         # (an "AMD EPYC" may be either), whose results differ.
         isa = torch.backends.cpu.get_cpu_capability()
-        name = f"{_cpu_name()} ({isa}, {torch.get_num_threads()} threads)"
-        slug = f"cpu-{_slug(_cpu_name())}-{_slug(isa)}-{torch.get_num_threads()}t"
+        # A run capped to a narrower instruction set than the CPU has is not that of a CPU without
+        # the wider one: it says so, and goes to a file of its own.
+        caps = " ".join(f"{k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k))
+        name = f"{_cpu_name()} ({isa}{', capped by ' + caps if caps else ''}, {torch.get_num_threads()} threads)"
+        slug = f"cpu-{_slug(_cpu_name())}-{_slug(isa)}{'-capped' if caps else ''}-{torch.get_num_threads()}t"
     return {
         "device": name,
         "slug": slug if profile == "full" else f"{slug}-{profile}",
@@ -164,7 +172,8 @@ class Results:
             f"profile {self.env['profile']}; {self.env['date']}; commit {self.env.get('commit')}",
             f"- peaks: {flops} TFLOP/s; {peaks['bandwidth'] / 1e9:.4g} GB/s ({peaks['source']})",
         ]
-        for key, text in (("load_average_at_start", "load average (1 min) when the run started: {:.2f}"),
+        for key, text in (("cpu_kernel_vector_bytes", "CPU kernel's channel loops: {}-byte vectors"),
+                          ("load_average_at_start", "load average (1 min) when the run started: {:.2f}"),
                           ("host_allocator", "host memory allocator: {}"),
                           ("session_warmup_s", "session warm-up before the first benchmark: {:.1f} s")):
             if self.env.get(key) is not None:
