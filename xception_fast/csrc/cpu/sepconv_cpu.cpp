@@ -706,10 +706,14 @@ Strategy parse_strategy(c10::string_view name, at::ScalarType x_dtype, at::Scala
 constexpr int64_t kFp32SumDepth = 256;
 
 int64_t block_width_for(int64_t Cout) {
-  // brgemm's block of output channels: 64 wide (the widest cpublas::pack takes), narrower (a whole
-  // number of vectors) for units with fewer output channels, so that little of the block is
-  // padding.
-  return std::min<int64_t>(64, (Cout + 15) / 16 * 16);
+  // brgemm's block of output channels: four of the CPU's vectors (64 floats with AVX-512's 32
+  // registers, 32 with AVX2's 16), so that a row of the block's accumulators leaves registers for
+  // several rows. Measured on the deep products (Xception's exit flow, README): AVX2's brgemm runs
+  // a block of 64 floats markedly slower than one of 32, AVX-512's one of 32 slower than one of 64.
+  // Narrower (a whole number of vectors) for units with fewer output channels, so that little of
+  // the block is padding.
+  const int64_t lanes = vector_bytes() / static_cast<int64_t>(sizeof(float));
+  return std::min<int64_t>(4 * lanes, (Cout + lanes - 1) / lanes * lanes);
 }
 
 // Whether the materialized product runs as oneDNN's pointwise convolution with the prepacked weights
