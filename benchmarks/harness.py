@@ -466,12 +466,6 @@ def keep_freed_host_memory():
     return "the platform's own (mallopt refused)"
 
 
-def cpu_kernel_vector_bytes():
-    """The width of the vectors the CPU kernel's channel loops run here (its extension loaded, and
-    built if it must be, before anything is timed)."""
-    return torch.ops.xception_fast.cpu_vector_bytes()
-
-
 def warm_up_session():
     """Run the device at the load the benchmarks put on it before the first benchmark, so that
     the first test of the process is not the one that pays for the clock ramping up, the thread

@@ -556,7 +556,8 @@ inline __attribute__((always_inline)) void depthwise_backward_rows_impl(
       }
       if (a.grad_taps) {
         for (int64_t t = 0; t < k * k; ++t) {
-          store_vector<acc_t, acc_t, VB>(a.grad_taps + t * C + c0, load_vector<acc_t, VB>(a.grad_taps + t * C + c0) + sum[t]);
+          acc_t* grad_tap = a.grad_taps + t * C + c0;
+          store_vector<acc_t, acc_t, VB>(grad_tap, load_vector<acc_t, VB>(grad_tap) + sum[t]);
         }
       }
     }
