@@ -369,16 +369,16 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
         for (int64_t r = 0; r < rows; ++r) {
           const scalar_t* __restrict__ base = in_rows[r] + column + c0;
           const acc_t* __restrict__ tap_row = taps + tap_rows[r] * KS * C + c0;
-          vec_t in_vec[kColumns];
+          // Column by column, so that one input vector is live at a time (AVX2 has 16 registers):
+          // each pixel's taps still add up in the order kw = 0, 1, ...
 #pragma GCC unroll 16
           for (int64_t i = 0; i < kColumns; ++i) {
-            in_vec[i] = apply_in_act<IA, acc_t>(load_vector<acc_t, VB>(base + i * C), in);
-          }
-#pragma GCC unroll 7
-          for (int64_t kw = 0; kw < KS; ++kw) {
-            const vec_t tap = load_vector<acc_t, VB>(tap_row + kw * C);
+            const vec_t v = apply_in_act<IA, acc_t>(load_vector<acc_t, VB>(base + i * C), in);
 #pragma GCC unroll 4
-            for (int64_t g = 0; g < G; ++g) acc[g] += in_vec[g * S + kw] * tap;
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t kw = i - g * S;
+              if (kw >= 0 && kw < KS) acc[g] += v * load_vector<acc_t, VB>(tap_row + kw * C);
+            }
           }
         }
         const vec_t bias = load_vector<acc_t, VB>(dw_bias + c0);
