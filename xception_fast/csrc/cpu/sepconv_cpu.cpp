@@ -323,7 +323,7 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
   constexpr int64_t lanes = kLanes<acc_t, VB>;
   // Pixels per group: four independent chains of dependent FMAs in flight, and, at stride 1 with a
   // 3x3 window, each input vector loaded, widened and activated 1.5 times per output rather than 3
-  // (overlapping, below); 4 accumulators and 6 (5x5: 8) input vectors fit AVX2's 16 registers.
+  // (overlapping, below); four accumulators leave most of AVX2's 16 registers free.
   constexpr int64_t kGroup = 4;
   constexpr int64_t kMaxK = 7;
   const int64_t k = KS > 0 ? KS : a.k;
@@ -355,8 +355,9 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
     constexpr int64_t G = decltype(group_size)::value;
     const int64_t column = (ow * stride - pad) * C, pixel_step = stride * C, tap_step = dil * C;
     int64_t c0 = 0;
-    // Stride 1 or 2 without dilation (every model's): the group's windows overlap, and each input
-    // vector they share is loaded, widened and activated once, then serves every tap that reads it.
+    // 3x3 and 5x5 windows at stride 1 or 2 without dilation (every model's): the group's windows
+    // overlap, and each input vector they share is loaded, widened and activated once, then serves
+    // every tap that reads it.
     auto overlapping = [&](auto stride_constant) __attribute__((always_inline)) {
       constexpr int64_t S = decltype(stride_constant)::value;
       constexpr int64_t kColumns = (G - 1) * S + KS;
