@@ -355,30 +355,42 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
     constexpr int64_t G = decltype(group_size)::value;
     const int64_t column = (ow * stride - pad) * C, pixel_step = stride * C, tap_step = dil * C;
     int64_t c0 = 0;
-    // 3x3 and 5x5 windows at stride 1 or 2 without dilation (every model's): the group's windows
-    // overlap, and each input vector they share is loaded, widened and activated once, then serves
-    // every tap that reads it.
-    auto overlapping = [&](auto stride_constant) __attribute__((always_inline)) {
+    // The channels a vector at a time. S = 1 or 2: 3x3 and 5x5 windows at that stride without
+    // dilation (every model's), where the group's windows overlap and each input vector they share
+    // is loaded, widened and activated once, then serves every tap that reads it. S = 0: any
+    // stride and dilation, each tap's input loaded on its own.
+    auto channel_vectors = [&](auto stride_constant) __attribute__((always_inline)) {
       constexpr int64_t S = decltype(stride_constant)::value;
-      constexpr int64_t kColumns = (G - 1) * S + KS;
       for (; c0 + lanes <= C; c0 += lanes) {
-        if (next_row != nullptr && (c0 * sizeof(scalar_t)) % 64 == 0) {
+        if (S > 0 && next_row != nullptr && (c0 * sizeof(scalar_t)) % 64 == 0) {
 #pragma GCC unroll 8
           for (int64_t i = 0; i < G * S; ++i) __builtin_prefetch(next_row + column + i * C + c0, 0, 2);
         }
         vec_t acc[G] = {};
         for (int64_t r = 0; r < rows; ++r) {
           const scalar_t* __restrict__ base = in_rows[r] + column + c0;
-          const acc_t* __restrict__ tap_row = taps + tap_rows[r] * KS * C + c0;
-          // Column by column, so that one input vector is live at a time (AVX2 has 16 registers):
-          // each pixel's taps still add up in the order kw = 0, 1, ...
+          const acc_t* __restrict__ tap_row = taps + tap_rows[r] * k * C + c0;
+          if constexpr (S > 0) {
+            // Column by column, so that one input vector is live at a time (AVX2 has 16
+            // registers): each pixel's taps still add up in the order kw = 0, 1, ...
 #pragma GCC unroll 16
-          for (int64_t i = 0; i < kColumns; ++i) {
-            const vec_t v = apply_in_act<IA, acc_t>(load_vector<acc_t, VB>(base + i * C), in);
+            for (int64_t i = 0; i < (G - 1) * S + KS; ++i) {
+              const vec_t v = apply_in_act<IA, acc_t>(load_vector<acc_t, VB>(base + i * C), in);
 #pragma GCC unroll 4
-            for (int64_t g = 0; g < G; ++g) {
-              const int64_t kw = i - g * S;
-              if (kw >= 0 && kw < KS) acc[g] += v * load_vector<acc_t, VB>(tap_row + kw * C);
+              for (int64_t g = 0; g < G; ++g) {
+                const int64_t kw = i - g * S;
+                if (kw >= 0 && kw < KS) acc[g] += v * load_vector<acc_t, VB>(tap_row + kw * C);
+              }
+            }
+          } else {
+#pragma GCC unroll 7
+            for (int64_t kw = 0; kw < k; ++kw) {
+              const vec_t tap = load_vector<acc_t, VB>(tap_row + kw * C);
+#pragma GCC unroll 4
+              for (int64_t g = 0; g < G; ++g) {
+                acc[g] += apply_in_act<IA, acc_t>(load_vector<acc_t, VB>(base + kw * tap_step + g * pixel_step), in) *
+                          tap;
+              }
             }
           }
         }
@@ -388,27 +400,10 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
       }
     };
     if constexpr (KS > 0) {
-      if (dil == 1 && stride == 1) overlapping(std::integral_constant<int64_t, 1>{});
-      if (dil == 1 && stride == 2) overlapping(std::integral_constant<int64_t, 2>{});
+      if (dil == 1 && stride == 1) channel_vectors(std::integral_constant<int64_t, 1>{});
+      if (dil == 1 && stride == 2) channel_vectors(std::integral_constant<int64_t, 2>{});
     }
-    for (; c0 + lanes <= C; c0 += lanes) {
-      vec_t acc[G] = {};
-      for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* __restrict__ base = in_rows[r] + column + c0;
-        const acc_t* __restrict__ tap_row = taps + tap_rows[r] * k * C + c0;
-#pragma GCC unroll 7
-        for (int64_t kw = 0; kw < k; ++kw) {
-          const vec_t tap = load_vector<acc_t, VB>(tap_row + kw * C);
-#pragma GCC unroll 4
-          for (int64_t g = 0; g < G; ++g) {
-            acc[g] += apply_in_act<IA, acc_t>(load_vector<acc_t, VB>(base + kw * tap_step + g * pixel_step), in) * tap;
-          }
-        }
-      }
-      const vec_t bias = load_vector<acc_t, VB>(dw_bias + c0);
-#pragma GCC unroll 4
-      for (int64_t g = 0; g < G; ++g) store_vector<dst_t, acc_t, VB>(out + g * ld_dst + c0, finish(acc[g] + bias));
-    }
+    channel_vectors(std::integral_constant<int64_t, 0>{});
     for (; c0 < C; ++c0) {
       for (int64_t g = 0; g < G; ++g) {
         acc_t acc = 0;
