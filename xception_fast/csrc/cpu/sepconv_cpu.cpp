@@ -279,7 +279,7 @@ InAct in_act_kind(Act act) {
 template <typename acc_t, typename V>
 inline __attribute__((always_inline)) V relu_of(V v) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if constexpr (std::is_same_v<acc_t, float> && sizeof(V) >= 32 && !std::is_same_v<V, float>) {
+  if constexpr (std::is_same_v<acc_t, float> && sizeof(V) >= 32) {
     V r;
     asm("vmaxps %1, %2, %0" : "=v"(r) : "v"(v), "v"(V{}));
     return r;
