@@ -487,12 +487,15 @@ def warm_up_session():
 # Per device and kind: a time budget per benchmark, bounds on its rounds, and a warm-up long
 # enough for the state a steady run reaches: on a GPU settled clocks; on a CPU the host
 # allocator's layout for the case's sizes (the first calls of an eager batch-32 unit take several
-# times as long as the following ones). Models get more rounds: their medians are the verdicts.
+# times as long as the following ones). Models get more rounds: their medians are the verdicts,
+# and their rounds fill the whole budget, so that a small model at batch 1 (a few milliseconds a
+# call) is timed over seconds, as long as a large one, rather than inside one burst of the shared
+# machine's load from elsewhere.
 TIMING = {
     "cpu": {"budget_s": 1.5, "min_rounds": 5, "max_rounds": 15, "warmup_calls": 3, "warmup_s": 0.5,
-            "model_budget_s": 6.0, "model_min_rounds": 9, "session_warmup_s": 8.0},
+            "model_budget_s": 6.0, "model_min_rounds": 9, "model_max_rounds": 400, "session_warmup_s": 8.0},
     "cuda": {"budget_s": 0.5, "min_rounds": 10, "max_rounds": 1000, "warmup_calls": 3, "warmup_s": 0.2,
-             "model_budget_s": 1.0, "model_min_rounds": 10, "session_warmup_s": 3.0},
+             "model_budget_s": 1.0, "model_min_rounds": 10, "model_max_rounds": 1000, "session_warmup_s": 3.0},
 }
 
 # On a CPU (a shared VM, whose load from elsewhere comes in bursts of seconds) each contender is
@@ -540,7 +543,8 @@ def measure(benchmark, fn, baselines=(), model=False):
     per_round = _warm_up(fn, timing) + sum(_warm_up(b, timing) for b in baselines)
     budget = timing["model_budget_s"] if model else timing["budget_s"]
     least = timing["model_min_rounds"] if model else timing["min_rounds"]
-    rounds = max(least, min(timing["max_rounds"], int(budget / per_round)))
+    most = timing["model_max_rounds"] if model else timing["max_rounds"]
+    rounds = max(least, min(most, int(budget / per_round)))
     baseline_times = [[] for _ in baselines]
 
     def timed_baselines():
