@@ -217,14 +217,16 @@ class Results:
         if self.exactness:
             lines += ["", "## What fuse() does to each model", "",
                       "Depthwise convs fused (of all the model's), residual adds taken into the kernel, other convs "
-                      "with BatchNorm folded; and the logits' max abs error of the fused model over eager's in the "
-                      "same precision, both against a float64 run (random weights and BatchNorm statistics, batch "
-                      "2; the exactness rule allows 2).", "",
-                      "| model | fused / depthwise | with residual | folded convs | fp32 | bf16 | bf16 autocast |",
-                      "|---|---:|---:|---:|---:|---:|---:|"]
+                      "with BatchNorm folded, max-pools with their add in one pass; and the logits' max abs error "
+                      "of the fused model over eager's in the same precision, both against a float64 run (random "
+                      "weights and BatchNorm statistics, batch 2; the exactness rule allows 2).", "",
+                      "| model | fused / depthwise | with residual | folded convs | pool + add | fp32 | bf16 "
+                      "| bf16 autocast |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
             for e in self.exactness:
                 lines.append(f"| {e['model']} | {e['fused_units']} / {e['units']} | {e['with_residual']} "
-                             f"| {e['folded_convs']} | {e['fp32']:.2f} | {e['bf16']:.2f} | {e['amp-bf16']:.2f} |")
+                             f"| {e['folded_convs']} | {e.get('pooled', '—')} | {e['fp32']:.2f} | {e['bf16']:.2f} "
+                             f"| {e['amp-bf16']:.2f} |")
         if self.memory:
             lines += ["", "## Memory, one training step", "",
                       "Peak of live tensor memory during one training step (forward, cross-entropy, backward, SGD "

@@ -39,7 +39,8 @@ def test_fused_model_exactness(benchmark, results, name):
     eager, fused = eager.to(DEVICE), fused.to(DEVICE)
     xd = x.to(DEVICE)
     record = {"model": name, "contender": FUSED, "units": len(report.units), "fused_units": report.count,
-              "with_residual": len(report.with_residual), "folded_convs": len(report.folded)}
+              "with_residual": len(report.with_residual), "folded_convs": len(report.folded),
+              "pooled": len(report.pooled)}
     with torch.no_grad():
         fused_fp32 = benchmark.pedantic(fused, (xd,), rounds=1, iterations=1, warmup_rounds=0)
         record["fp32"] = max_abs_error(fused_fp32, reference) / max_abs_error(eager(xd), reference)

@@ -304,7 +304,7 @@ def test_each_vector_width(capability):
     """The channel loops are compiled once per vector width (AVX-512, AVX2, baseline) and the
     widest this CPU has runs: the rest of the suite tests that one. Capped by ATEN_CPU_CAPABILITY,
     a process runs a narrower one; there the op tests on CPU run again (exactness of every option,
-    shape and dtype, the strategies, the depthwise backward, gradients)."""
+    shape and dtype, the strategies, the depthwise backward, gradients, the max-pool with its add)."""
     widest = torch.ops.xception_fast.cpu_vector_bytes()
     capped = run_capped(capability, "-c", "import torch, xception_fast.ops; "
                                           "print(torch.ops.xception_fast.cpu_vector_bytes())")
@@ -316,7 +316,7 @@ def test_each_vector_width(capability):
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert width == NARROWER_CAPABILITIES[capability]
     done = run_capped(capability, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_cpu_kernel.py",
-                      "test_sepconv.py", "test_gradients.py", "-k",
+                      "test_sepconv.py", "test_gradients.py", "test_max_pool_add.py", "-k",
                       "not vector_width and not triton and not cuda and not reference and not gpu")
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert " passed" in done.stdout, done.stdout[-3000:]

@@ -398,11 +398,12 @@ def train_step(model, x, target):
 
 class _KinkInputs:
     """Records, during one forward, the input of each kink by the module's name: the ``nn.ReLU`` and
-    ``nn.MaxPool2d`` modules called, and the ReLUs a fused conv takes into the op as its ``act_in``."""
+    ``nn.MaxPool2d`` modules called (fused ones too), and the ReLUs a fused conv takes into the op as
+    its ``act_in``."""
 
     def __init__(self, model):
         self.inputs, names = {}, {m: n for n, m in model.named_modules()}
-        kinks = [m for m in model.modules() if type(m) in (nn.ReLU, nn.MaxPool2d)]
+        kinks = [m for m in model.modules() if type(m) in (nn.ReLU, nn.MaxPool2d, fusion.FusedMaxPool2d)]
         self.hooks = [m.register_forward_pre_hook(lambda m, args: self._record(names[m], args[0])) for m in kinks]
         self.hooks += [m.register_forward_pre_hook(
             lambda m, args, kwargs: self._record(names[kwargs["act_in"]], args[0])

@@ -1,4 +1,6 @@
-"""The fused separable unit's contract: what every backend computes, what it accepts, what it returns.
+"""The fused ops' contracts: what every backend computes, what it accepts, what it returns.
+
+The separable unit (``sepconv``):
 
     y = act_out( PW( act_mid( DW(act_in(x)) + dw_bias ) ) + pw_bias ) + residual
 
@@ -10,6 +12,9 @@ This module imports no backend. It holds the reference (``sepconv_reference``, t
 every backend is tested against), the op's schema text, the argument checks of the Python call
 paths (the fake and the Triton kernel; the C++ kernels make the same checks in C++), the output's
 allocation and the list of backends.
+
+The max-pool with the residual add after it (``max_pool_add``), the tail of Xception's
+down-sampling blocks: ``max_pool2d(x, kernel_size, stride, padding) + residual``.
 """
 import torch
 import torch.nn.functional as F
@@ -17,7 +22,7 @@ from torch._prims_common import suggest_memory_format
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "KERNEL_SIZES", "STRIDES", "SCHEMA", "SCHEMA_KEEPING_DEPTHWISE",
            "sepconv_reference", "depthwise_reference", "fold_bn", "check_args", "output_size", "empty_output",
-           "empty_depthwise"]
+           "empty_depthwise", "MAX_POOL_ADD_SCHEMA", "max_pool_add_reference", "check_max_pool_add_args"]
 
 # "auto": the CUDA kernel (else Triton) on a GPU, the C++ kernel on a CPU. "reference": the eager
 # composition below, for checking.
@@ -39,6 +44,8 @@ SCHEMA = _ARGUMENTS + " -> Tensor"
 # in x's dtype: what eager's depthwise conv hands the pointwise one), which a backward keeps instead
 # of recomputing it (torch.ops.xception_fast.sepconv_keeping_depthwise, CPU).
 SCHEMA_KEEPING_DEPTHWISE = _ARGUMENTS + " -> (Tensor, Tensor)"
+# torch.ops.xception_fast.max_pool_add (CPU): no dilation, floor mode, as nn.MaxPool2d's defaults.
+MAX_POOL_ADD_SCHEMA = "(Tensor x, Tensor residual, int kernel_size, int stride, int padding) -> Tensor"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,6 +81,11 @@ def depthwise_reference(x, dw_weight, dw_bias, stride, padding, dilation, act_in
     d = F.conv2d(a, dw_weight.to(x.dtype), None if dw_bias is None else dw_bias.to(x.dtype), stride=stride,
                  padding=padding, dilation=dilation, groups=x.shape[1])
     return activation(d, act_mid)
+
+
+def max_pool_add_reference(x, residual, kernel_size, stride, padding):
+    """The pool and add as eager runs them: two ops, in x's dtype on x's device."""
+    return F.max_pool2d(x, kernel_size, stride, padding) + residual
 
 
 def fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps, conv_bias=None):
@@ -173,3 +185,31 @@ def empty_depthwise(x, shape):
     ``shape``, channels-last, x's dtype."""
     n, _, ho, wo = shape
     return torch.empty((n, x.shape[1], ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def check_max_pool_add_args(x, residual, kernel_size, stride, padding):
+    """The checks of max_pool_add (the CPU kernel makes the same, with the same messages); returns
+    the output shape [N, C, Ho, Wo]."""
+    torch._check_value(x.dim() == 4,
+                       lambda: f"max_pool_add: x must be a 4-D [N, C, H, W] tensor, got shape {_shape(x)}")
+    torch._check_value(x.dtype in _DTYPES + (torch.float64,),
+                       lambda: f"max_pool_add: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    torch._check_value(kernel_size >= 1, lambda: f"max_pool_add: kernel_size must be >= 1, got {kernel_size}")
+    torch._check_value(stride >= 1, lambda: f"max_pool_add: stride must be >= 1, got {stride}")
+    torch._check_value(0 <= padding and 2 * padding <= kernel_size,
+                       lambda: f"max_pool_add: padding must be between 0 and half of kernel_size ({kernel_size}), "
+                               f"got {padding}")
+    n, c, h, w = x.shape
+    torch._check_value(c >= 1 and h >= 1 and w >= 1,
+                       lambda: f"max_pool_add: x needs C, H, W >= 1, got shape {_shape(x)}")
+    torch._check_value(h + 2 * padding >= kernel_size and w + 2 * padding >= kernel_size,
+                       lambda: f"max_pool_add: x of size {h}x{w} is smaller than the window ({kernel_size}) with "
+                               f"padding {padding}: the output would be empty")
+    shape = [n, c, (h + 2 * padding - kernel_size) // stride + 1, (w + 2 * padding - kernel_size) // stride + 1]
+    torch._check_value(list(residual.shape) == shape,
+                       lambda: f"max_pool_add: residual must have the pooled shape {shape}, got {_shape(residual)}")
+    torch._check_value(residual.dtype == x.dtype,
+                       lambda: f"max_pool_add: residual must have x's dtype ({x.dtype}), got {residual.dtype}")
+    torch._check_value(residual.device == x.device,
+                       lambda: f"max_pool_add: residual is on {residual.device} but x is on {x.device}")
+    return shape

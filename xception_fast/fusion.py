@@ -49,16 +49,19 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch._prims_common import suggest_memory_format
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import ops
 from .contract import BACKENDS, KERNEL_SIZES, STRIDES, check_args, empty_output, fold_bn
 from .contract import output_size as conv_extent
 
-__all__ = ["FusedSeparableConv2d", "FusedConv2dBN", "FusedBlock", "FuseReport", "UnitReport", "fuse"]
+__all__ = ["FusedSeparableConv2d", "FusedConv2dBN", "FusedMaxPool2d", "FusedBlock", "FuseReport", "UnitReport",
+           "fuse"]
 
 _OP_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish"}
 _HALF = (torch.float16, torch.bfloat16)
+_POOL_DTYPES = (torch.float32, torch.float64) + _HALF
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,6 +633,48 @@ class FusedSeparableConv2d(_FusedConv, nn.Conv2d):
                                        f"recompute_depthwise={self.recompute_depthwise})")
 
 
+class FusedMaxPool2d(nn.MaxPool2d):
+    """A max-pool whose result its block adds to another tensor (the end of Xception's
+    down-sampling blocks: ``maxpool(x) + shortcut``), with that add taken in.
+
+    ``pool(x)``: the pool alone, as before fuse(). ``pool(x, residual=r)``, as the fused block calls
+    it: ``pool(x) + r``, in one pass over x (``torch.ops.xception_fast.max_pool_add``) for
+    channels-last CPU tensors of one dtype and the pooled shape, the same float values as eager's
+    two ops; any other case runs eager's pool and add: a GPU; NCHW, where the op's pass is no faster
+    than eager's pool; a broadcast or a promoting add; and a gradient to make, since the op keeps no
+    indices and its backward finds the maxima again with eager's pool, which costs more than the
+    pass saves.
+    """
+
+    def _adopt(self, backend):
+        self.backend = backend
+
+    def forward(self, x, residual=None):
+        pooled = None if residual is None else self._one_pass(x, residual)
+        if pooled is not None:
+            return pooled
+        y = super().forward(x)
+        return y if residual is None else y + residual
+
+    def _one_pass(self, x, residual):
+        """The pool and the add in the op, or None where it does not take them."""
+        k, s, p = (self.kernel_size, self.stride, self.padding)
+        if isinstance(k, tuple) or isinstance(s, tuple) or isinstance(p, tuple):
+            return None
+        if (self.backend not in ("auto", "cpu") or not isinstance(residual, torch.Tensor) or x.device.type != "cpu"
+                or x.dim() != 4 or x.dtype not in _POOL_DTYPES or residual.dtype != x.dtype
+                or residual.device != x.device or suggest_memory_format(x) != torch.channels_last
+                or _needs_grad((x, residual))):
+            return None
+        n, c, h, w = x.shape
+        if list(residual.shape) != [n, c, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1]:
+            return None
+        return torch.ops.xception_fast.max_pool_add(x, residual, k, s, p)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", adds its block's residual in the same pass (backend={self.backend!r})"
+
+
 # ----------------------------------------------------------------------------------------------
 # The fused blocks
 
@@ -828,6 +873,15 @@ class _Fold:
         return [self.conv, self.bn] + ([self.act] if self.act is not None else [])
 
 
+@dataclasses.dataclass
+class _PoolAdd:
+    pool: fx.Node
+    add: fx.Node
+
+    def nodes(self):
+        return [self.pool, self.add]
+
+
 def _describe(node, modules):
     """A node as the report names it: a module by name and class, a function by name, the module
     it ran inside where it is part of an inlined forward."""
@@ -990,9 +1044,10 @@ def _interleaved_problem(nodes, inputs, order, modules):
 def _match(graph, modules, calls, only=None):
     """Find the separable units and the conv + BatchNorm folds in a traced graph.
 
-    Returns (units, folds, refusals): refusals maps each depthwise conv's name that heads no unit to
-    the reason. ``only``: the names of the depthwise convs and folded convs to consider (the others
-    are left as they are, and not reported).
+    Returns (units, folds, pools, refusals): pools are the max-pools whose result goes only into an
+    add (FusedMaxPool2d); refusals maps each depthwise conv's name that heads no unit to the reason.
+    ``only``: the names of the depthwise convs, folded convs and pools to consider (the others are
+    left as they are, and not reported).
     """
     order = {node: i for i, node in enumerate(graph.nodes)}
     units, refusals = {}, {}
@@ -1073,7 +1128,32 @@ def _match(graph, modules, calls, only=None):
             folds[conv.target] = _Fold(conv, bn, act)
         elif act is not None and _interleaved_problem([conv, bn], {conv.args[0]}, order, modules) is None:
             folds[conv.target] = _Fold(conv, bn)
-    return units, folds, refusals
+    return units, folds, _match_pools(graph, modules, calls, only, taken, order), refusals
+
+
+def _match_pools(graph, modules, calls, only, taken, order):
+    """The max-pools (nn.MaxPool2d, no dilation, floor mode, no indices) whose result only an add
+    takes, and not a unit's add, by name."""
+    pools = {}
+    for pool in graph.nodes:
+        if pool.op != "call_module" or type(modules[pool.target]) is not nn.MaxPool2d:
+            continue
+        m = modules[pool.target]
+        if only is not None and pool.target not in only:
+            continue
+        if (m.dilation not in (1, (1, 1)) or m.ceil_mode or m.return_indices or calls[pool.target] != 1
+                or len(pool.args) != 1 or pool.kwargs or not isinstance(pool.args[0], fx.Node)):
+            continue
+        users = list(pool.users)
+        if len(users) != 1 or not _is_add(users[0]) or users[0] in taken:
+            continue
+        add = users[0]
+        residual = add.args[1] if add.args[0] is pool else add.args[0]
+        if not isinstance(residual, fx.Node) or residual is pool:
+            continue
+        if _interleaved_problem([pool, add], {pool.args[0], residual}, order, modules) is None:
+            pools[pool.target] = _PoolAdd(pool, add)
+    return pools
 
 
 def _walk(dw, channels, modules, calls):
@@ -1195,11 +1275,14 @@ class FuseReport:
     ``names``: the fused units (by their depthwise conv's name); ``count`` how many;
     ``with_residual``: those that took their residual add into the kernel; ``refused``: (name,
     reason) of every depthwise conv left as it was; ``folded``: the other convs whose BatchNorm is
-    folded in eval. ``print(report)`` gives ``summary``, then a line per depthwise conv.
+    folded in eval; ``pooled``: the max-pools whose residual add is taken into their pass
+    (:class:`FusedMaxPool2d`). ``print(report)`` gives ``summary``, then a line per depthwise conv,
+    then the pools.
     """
 
     units: list
     folded: list
+    pooled: list = dataclasses.field(default_factory=list)
 
     @property
     def names(self):
@@ -1223,7 +1306,9 @@ class FuseReport:
         return (f"fused {self.count} separable unit{'s' if self.count != 1 else ''} of {len(self.units)} "
                 f"depthwise conv{'s' if len(self.units) != 1 else ''} "
                 f"({len(self.with_residual)} with their residual add); BatchNorm folded into "
-                f"{len(self.folded)} other conv{'s' if len(self.folded) != 1 else ''}")
+                f"{len(self.folded)} other conv{'s' if len(self.folded) != 1 else ''}"
+                + (f"; residual add taken into {len(self.pooled)} max-pool{'s' if len(self.pooled) != 1 else ''}"
+                   if self.pooled else ""))
 
     def __str__(self):
         width = max((len(u.name) for u in self.units), default=0)
@@ -1233,6 +1318,9 @@ class FuseReport:
             if chosen:
                 lines.append(f"  {title}")
                 lines += [f"    {u.name:<{width}}  {u.detail}" for u in chosen]
+        if self.pooled:
+            lines.append("  max-pool + residual add in one pass (channels-last CPU tensors):")
+            lines += [f"    {name}" for name in self.pooled]
         return "\n".join(lines)
 
 
@@ -1269,8 +1357,9 @@ def _join(prefix, name):
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _rewrite(graph, units, folds, modules):
-    """Replace each unit and fold in graph by one call of its fused conv, at its last node."""
+def _rewrite(graph, units, folds, pools, modules):
+    """Replace each unit and fold in graph by one call of its fused conv, and each pool and its add
+    by one call of the pool, at its last node."""
     for unit in units:
         last = unit.nodes()[-1]
         x = unit.act_in.args[0] if unit.act_in is not None else unit.dw.args[0]
@@ -1300,6 +1389,16 @@ def _rewrite(graph, units, folds, modules):
             call = graph.call_module(fold.conv.target, fold.conv.args, kwargs)
         last.replace_all_uses_with(call)
         for node in reversed(fold.nodes()):
+            graph.erase_node(node)
+    for pool_add in pools:
+        pool, add = pool_add.pool, pool_add.add
+        # From the add's arguments as they are now: the residual may have been a unit's or a fold's
+        # result, replaced above by its call.
+        residual = add.args[1] if add.args[0] is pool else add.args[0]
+        with graph.inserting_before(add):
+            call = graph.call_module(pool.target, pool.args, {"residual": residual})
+        add.replace_all_uses_with(call)
+        for node in reversed(pool_add.nodes()):
             graph.erase_node(node)
     for node in graph.nodes:
         node.meta = {}
@@ -1343,10 +1442,10 @@ def _analyse(model, has_conv):
                 visit(_join(prefix, name), child)
             return
         modules = dict(module.named_modules())
-        units, folds, why = _match(graph, modules, tracer.calls)
+        units, folds, pools, why = _match(graph, modules, tracer.calls)
         for name, reason in why.items():
             refusals[_join(prefix, name)] = reason
-        for name, claim in list(units.items()) + list(folds.items()):
+        for name, claim in list(units.items()) + list(folds.items()) + list(pools.items()):
             owner, through = _owner(claim.nodes())
             paths[_join(prefix, name)] = (_join(prefix, owner), {_join(prefix, p) for p in through})
         for name, failure in tracer.untraceable.items():
@@ -1373,7 +1472,8 @@ def _analyse(model, has_conv):
 
 
 def _fuse_owner(model, owner_name, names, backend, recompute_depthwise):
-    """Phase 2: rewrite one owner's forward. Returns (fused units, folds, refusals) by absolute name."""
+    """Phase 2: rewrite one owner's forward. Returns (fused units, folds, pools, refusals) by absolute
+    name."""
     owner = model.get_submodule(owner_name) if owner_name else model
     has_conv = _conv_holders(owner)
     relative = {n[len(owner_name) + 1:] if owner_name else n for n in names}
@@ -1385,7 +1485,8 @@ def _fuse_owner(model, owner_name, names, backend, recompute_depthwise):
             tracer, graph = _trace(owner, has_conv)
             traced.append((tracer, graph, graph.python_code(root_module="self").src))
     except Exception as error:  # noqa: BLE001
-        return {}, {}, {n: f"{owner_name or 'the model'}'s forward could not be traced again: {error}" for n in names}
+        return {}, {}, [], {n: f"{owner_name or 'the model'}'s forward could not be traced again: {error}"
+                            for n in names}
     finally:
         _set_training(owner, modes)
     modules = dict(owner.named_modules())
@@ -1394,25 +1495,26 @@ def _fuse_owner(model, owner_name, names, backend, recompute_depthwise):
     # Where the graphs of the two modes differ, each is rewritten with its own matches: a fused conv
     # that one graph calls alone is the conv it was, so the graphs need not agree on a unit.
     matches = [_match(graph, modules, tracer.calls, only=relative) for tracer, graph, _ in traced]
-    units, folds, refusals = matches[0]
+    units, folds, pools, refusals = matches[0]
     if len(matches) == 2:
-        train_units, train_folds, train_refusals = matches[1]
+        train_units, train_folds, train_pools, train_refusals = matches[1]
         units = {**train_units, **units}
         folds = {**train_folds, **folds}
+        pools = {**train_pools, **pools}
         refusals = {n: r for n, r in {**train_refusals, **refusals}.items() if n not in units and n not in folds}
-        for _, graph_folds, _ in matches:
+        for _, graph_folds, _, _ in matches:
             for name in set(graph_folds) & set(units):
                 del graph_folds[name]  # a conv heads a unit or has a fold, in both graphs
         folds = {n: f for n, f in folds.items() if n not in units}
     for name in relative - set(units) - set(folds) - set(refusals):
         if _is_depthwise(modules[name]):
             refusals[name] = f"it was not found again in the trace of {owner_name or 'the model'} alone"
-    if not units and not folds:
-        return {}, {}, {_join(owner_name, n): r for n, r in refusals.items()}
+    if not units and not folds and not pools:
+        return {}, {}, [], {_join(owner_name, n): r for n, r in refusals.items()}
     forms = {name: (_unit_form(unit, modules), unit.add is not None) for name, unit in units.items()}
     graphs = []
-    for (_, graph, _), (u, f, _) in zip(traced, matches):
-        _rewrite(graph, list(u.values()), list(f.values()), modules)
+    for (_, graph, _), (u, f, p, _) in zip(traced, matches):
+        _rewrite(graph, list(u.values()), list(f.values()), list(p.values()), modules)
         graphs.append(graph)
     for name, unit in units.items():
         conv = modules[name]
@@ -1425,12 +1527,16 @@ def _fuse_owner(model, owner_name, names, backend, recompute_depthwise):
         conv_class = type(conv)
         conv.__class__ = FusedConv2dBN
         conv._adopt(conv_class, backend)
+    for name in pools:
+        pool = modules[name]
+        pool.__class__ = FusedMaxPool2d
+        pool._adopt(backend)
     if not isinstance(owner, FusedBlock):
         owner.__class__ = _fused_class(type(owner))
     owner._fused_graphs = (graphs[0], graphs[-1])
     owner._compile_fused()
     return ({_join(owner_name, n): form for n, form in forms.items()}, [_join(owner_name, n) for n in folds],
-            {_join(owner_name, n): r for n, r in refusals.items()})
+            [_join(owner_name, n) for n in pools], {_join(owner_name, n): r for n, r in refusals.items()})
 
 
 def fuse(model, backend="auto", recompute_depthwise=False):
@@ -1455,13 +1561,14 @@ def fuse(model, backend="auto", recompute_depthwise=False):
         raise TypeError(f"fuse: recompute_depthwise must be a bool, got {type(recompute_depthwise).__name__}")
     has_conv = _conv_holders(model)
     claims, refusals, untraceable = _analyse(model, has_conv)
-    fused, folded = {}, []
+    fused, folded, pooled = {}, [], []
     # Deepest owners first: a fused block is a leaf of its parent's trace, so the parent calls its
     # fused forward.
     for owner in sorted(claims, key=lambda n: (-(n.count(".") + 1 if n else 0), n)):
-        forms, folds, why = _fuse_owner(model, owner, claims[owner], backend, recompute_depthwise)
+        forms, folds, pools, why = _fuse_owner(model, owner, claims[owner], backend, recompute_depthwise)
         fused.update(forms)
         folded += folds
+        pooled += pools
         refusals.update(why)
     blocks = {name: owner for owner, names in claims.items() for name in names}
     units = []
@@ -1478,7 +1585,8 @@ def fuse(model, backend="auto", recompute_depthwise=False):
             if name in folded:
                 why += "; its BatchNorm is folded into it"
             units.append(UnitReport(name, False, why))
-    return model, FuseReport(units, sorted(folded))
+    pooled = set(pooled)
+    return model, FuseReport(units, sorted(folded), [name for name, _ in model.named_modules() if name in pooled])
 
 
 def _untraced_reason(name, untraceable):

@@ -7,6 +7,10 @@ its autograd and its autocast rule; its CPU and CUDA kernels are C++ (xception_f
 on the first call that needs them. ``torch.ops.xception_fast.sepconv_triton`` is the Triton
 implementation of the same schema (xception_fast.triton_sepconv). ``sepconv`` and ``sepconv_bn``
 below choose between them.
+
+``torch.ops.xception_fast.max_pool_add`` is the max-pool and the residual add after it in one pass
+(a C++ CPU kernel; contract.MAX_POOL_ADD_SCHEMA), with its fake and autograd; ``max_pool_add``
+below calls it.
 """
 import os
 
@@ -14,11 +18,11 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from . import _extension
-from .contract import (BACKENDS, SCHEMA, SCHEMA_KEEPING_DEPTHWISE, check_args, empty_depthwise, empty_output, fold_bn,
-                       sepconv_reference)
+from .contract import (BACKENDS, MAX_POOL_ADD_SCHEMA, SCHEMA, SCHEMA_KEEPING_DEPTHWISE, check_args,
+                       check_max_pool_add_args, empty_depthwise, empty_output, fold_bn, sepconv_reference)
 from .registration import register_autocast, register_autograd
 
-__all__ = ["sepconv", "sepconv_bn", "pack_weights", "sepconv_reference", "fold_bn", "BACKENDS"]
+__all__ = ["sepconv", "sepconv_bn", "pack_weights", "max_pool_add", "sepconv_reference", "fold_bn", "BACKENDS"]
 
 # ----------------------------------------------------------------------------------------------
 # Registration
@@ -38,8 +42,10 @@ _lib.define("depthwise_backward(Tensor grad, Tensor x, Tensor dw_weight, int str
 # The width in bytes of the vectors the CPU kernel's channel loops run on this machine: 64 (AVX-512),
 # 32 (AVX2) or 16 (any other CPU); ATen's choice of instruction set (ATEN_CPU_CAPABILITY) caps it.
 _lib.define("cpu_vector_bytes() -> int")
+_lib.define("max_pool_add" + MAX_POOL_ADD_SCHEMA)
 _extension.install_loaders("xception_fast", {"sepconv": ("CPU", "CUDA"), "sepconv_keeping_depthwise": ("CPU",),
                                              "pack_cpu": ("CPU",), "depthwise_backward": ("CPU",),
+                                             "max_pool_add": ("CPU",),
                                              "cpu_vector_bytes": ("CompositeExplicitAutograd",)})
 
 
@@ -66,6 +72,32 @@ def _depthwise_backward_fake(grad, x, dw_weight, stride, padding, dilation, act_
     return grad_x, grad_w
 
 
+@torch.library.register_fake("xception_fast::max_pool_add")
+def _max_pool_add_fake(x, residual, kernel_size, stride, padding):
+    return empty_output(x, check_max_pool_add_args(x, residual, kernel_size, stride, padding))
+
+
+def _max_pool_add_setup_context(ctx, inputs, output):
+    x, _, kernel_size, stride, padding = inputs
+    ctx.pool = (kernel_size, stride, padding)
+    ctx.save_for_backward(x)
+
+
+def _max_pool_add_backward(ctx, grad):
+    # The forward kept no indices: eager's max-pool finds them again, so the gradient goes where
+    # eager's would (the first of equal maxima).
+    (x,) = ctx.saved_tensors
+    kernel_size, stride, padding = ctx.pool
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        pool = ([kernel_size] * 2, [stride] * 2, [padding] * 2, [1, 1], False)
+        _, indices = torch.ops.aten.max_pool2d_with_indices(x, *pool)
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *pool, indices)
+    return grad_x, grad if ctx.needs_input_grad[1] else None, None, None, None
+
+
+torch.library.register_autograd("xception_fast::max_pool_add", _max_pool_add_backward,
+                                setup_context=_max_pool_add_setup_context)
 register_autograd("xception_fast::sepconv", torch.ops.xception_fast.sepconv)
 register_autograd("xception_fast::sepconv_keeping_depthwise", torch.ops.xception_fast.sepconv, keeps_depthwise=True)
 register_autocast(_lib, "sepconv", torch.ops.xception_fast.sepconv)
@@ -206,3 +238,21 @@ def pack_weights(backend, dtype, dw_weight, dw_bias, pw_weight, pw_bias, output_
 
         return pack_gpu(dw_weight, dw_bias, pw_weight, pw_bias, dtype)
     raise ValueError(f"pack_weights: backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
+
+
+def max_pool_add(x, residual, kernel_size, stride=None, padding=0):
+    """``max_pool2d(x, kernel_size, stride, padding) + residual`` in one pass over x (CPU tensors):
+    what ends Xception's down-sampling blocks, where eager writes the pool's output and reads it back
+    for the add. ``stride`` defaults to ``kernel_size``, as nn.MaxPool2d's; square windows, no
+    dilation, floor mode. ``residual`` has the pooled shape and x's dtype. The output has x's memory
+    format. Differentiable in x and residual (the backward finds the maxima again with eager's pool)."""
+    for name, t in (("x", x), ("residual", residual)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"max_pool_add: {name} must be a Tensor, got {type(t).__name__}")
+    for name, v in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise TypeError(f"max_pool_add: {name} must be an int, got {type(v).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"max_pool_add: x must be on the CPU (the op has a CPU kernel only), x is on {x.device}")
+    return torch.ops.xception_fast.max_pool_add(x, residual, kernel_size, kernel_size if stride is None else stride,
+                                                padding)

@@ -1,4 +1,5 @@
-// The fused separable unit's CPU kernel, and its weight packing.
+// The fused separable unit's CPU kernel, its weight packing, and the max-pool with the residual add
+// that follows a down-sampling block's last unit (max_pool_add, at the end of the kernels).
 //
 //   y = act_out(PW(act_mid(DW(act_in(x)) + dw_bias)) + pw_bias) + residual
 //
@@ -706,6 +707,136 @@ void epilogue_in_place(float* out, int64_t ld_out, int64_t rows, int64_t cols, c
 }
 
 // ----------------------------------------------------------------------------------------------
+// Max-pool and residual add: out = max_pool2d(x, k, stride, padding) + residual in one pass over x,
+// where eager writes the pool's output (and, on a CPU, int64 indices beside it) and reads it back
+// for the add. A window's maximum is taken as ATen's max-pool takes it: taps in row order, a tap
+// replacing the maximum where it is greater or NaN, so that NaN and the sign of a zero come out as
+// eager's; the sum is rounded once, as eager's add rounds it.
+
+struct PoolArgs {
+  int64_t N, C, H, W, Ho, Wo, k, stride, padding;
+  // The window's rows [begin, end) in x for output row o (the same along columns).
+  int64_t begin(int64_t o) const { return std::max<int64_t>(o * stride - padding, 0); }
+  int64_t end(int64_t o, int64_t size) const { return std::min<int64_t>(o * stride - padding + k, size); }
+};
+
+template <typename acc_t>
+inline acc_t max_of(acc_t m, acc_t v) {
+  return (v > m || v != v) ? v : m;
+}
+
+// max_of on vectors. GCC compiles a select on vectors of 32 or 64 bytes here lane by lane (their
+// comparisons are lowered before the AVX2 and AVX-512 instructions are known), so those builds
+// spell it in instructions: max, which keeps m where v is not greater (or either is NaN), then v
+// where v is NaN.
+template <typename acc_t, typename V>
+inline __attribute__((always_inline)) V max_step(V m, V v) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (sizeof(V) == 64) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      asm("vmaxps %[m], %[v], %[m]\n\tvcmpunordps %[v], %[v], %%k1\n\tvmovaps %[v], %[m]%{%%k1%}"
+          : [m] "+v"(m)
+          : [v] "v"(v)
+          : "k1");
+    } else {
+      asm("vmaxpd %[m], %[v], %[m]\n\tvcmpunordpd %[v], %[v], %%k1\n\tvmovapd %[v], %[m]%{%%k1%}"
+          : [m] "+v"(m)
+          : [v] "v"(v)
+          : "k1");
+    }
+    return m;
+  } else if constexpr (sizeof(V) == 32) {
+    V nan;
+    // vblendv has no EVEX form: "x", the registers it can name.
+    if constexpr (std::is_same_v<acc_t, float>) {
+      asm("vmaxps %[m], %[v], %[m]\n\tvcmpunordps %[v], %[v], %[nan]\n\tvblendvps %[nan], %[v], %[m], %[m]"
+          : [m] "+x"(m), [nan] "=&x"(nan)
+          : [v] "x"(v));
+    } else {
+      asm("vmaxpd %[m], %[v], %[m]\n\tvcmpunordpd %[v], %[v], %[nan]\n\tvblendvpd %[nan], %[v], %[m], %[m]"
+          : [m] "+x"(m), [nan] "=&x"(nan)
+          : [v] "x"(v));
+    }
+    return m;
+  }
+#endif
+  m = v > m ? v : m;
+  return v != v ? v : m;
+}
+
+// NHWC: output rows [r_begin, r_end) (flat n * Ho + oh), a vector of channels at a time.
+template <int VB, typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void max_pool_add_nhwc_impl(const PoolArgs& a, const scalar_t* x,
+                                                                  const scalar_t* residual, scalar_t* out,
+                                                                  int64_t r_begin, int64_t r_end) {
+  using V = vec_of<acc_t, VB>;
+  constexpr int64_t L = kLanes<acc_t, VB>;
+  const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t row = r_begin; row < r_end; ++row) {
+    const int64_t n = row / a.Ho, oh = row % a.Ho;
+    const int64_t h0 = a.begin(oh), h1 = a.end(oh, a.H);
+    for (int64_t ow = 0; ow < a.Wo; ++ow) {
+      const int64_t w0 = a.begin(ow), w1 = a.end(ow, a.W);
+      const int64_t o = (row * a.Wo + ow) * a.C;
+      int64_t c = 0;
+      for (; c + L <= a.C; c += L) {
+        V m = V{} + lowest;
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t w = w0; w < w1; ++w) {
+            const V v = load_vector<acc_t, VB>(x + ((n * a.H + h) * a.W + w) * a.C + c);
+            m = max_step<acc_t>(m, v);
+          }
+        }
+        store_vector<scalar_t, acc_t, VB>(out + o + c, m + load_vector<acc_t, VB>(residual + o + c));
+      }
+      for (; c < a.C; ++c) {
+        acc_t m = lowest;
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t w = w0; w < w1; ++w) {
+            m = max_of(m, elem_cast<acc_t>(x[((n * a.H + h) * a.W + w) * a.C + c]));
+          }
+        }
+        out[o + c] = elem_cast<scalar_t>(m + elem_cast<acc_t>(residual[o + c]));
+      }
+    }
+  }
+}
+
+#define XF_MAX_POOL_ADD_NHWC(scalar_t, acc_t)                                                                  \
+  void max_pool_add_nhwc(const PoolArgs& a, const scalar_t* x, const scalar_t* residual, scalar_t* out,      \
+                         int64_t r_begin, int64_t r_end) {                                                   \
+    for_this_cpu([&](auto vb) __attribute__((always_inline)) {                                               \
+      max_pool_add_nhwc_impl<decltype(vb)::value, scalar_t, acc_t>(a, x, residual, out, r_begin, r_end);     \
+    });                                                                                                      \
+  }
+XF_MAX_POOL_ADD_NHWC(float, float)
+XF_MAX_POOL_ADD_NHWC(double, double)
+XF_MAX_POOL_ADD_NHWC(c10::BFloat16, float)
+XF_MAX_POOL_ADD_NHWC(c10::Half, float)
+#undef XF_MAX_POOL_ADD_NHWC
+
+// NCHW: planes [p_begin, p_end) (flat n * C + c), a pixel at a time.
+template <typename scalar_t, typename acc_t>
+void max_pool_add_nchw(const PoolArgs& a, const scalar_t* x, const scalar_t* residual, scalar_t* out,
+                       int64_t p_begin, int64_t p_end) {
+  for (int64_t plane = p_begin; plane < p_end; ++plane) {
+    const scalar_t* src = x + plane * a.H * a.W;
+    for (int64_t oh = 0; oh < a.Ho; ++oh) {
+      const int64_t h0 = a.begin(oh), h1 = a.end(oh, a.H);
+      for (int64_t ow = 0; ow < a.Wo; ++ow) {
+        const int64_t w0 = a.begin(ow), w1 = a.end(ow, a.W);
+        acc_t m = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t w = w0; w < w1; ++w) m = max_of(m, elem_cast<acc_t>(src[h * a.W + w]));
+        }
+        const int64_t o = (plane * a.Ho + oh) * a.Wo + ow;
+        out[o] = elem_cast<scalar_t>(m + elem_cast<acc_t>(residual[o]));
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
 // Packed weights
 
 enum Strategy : int64_t { kTiled = 0, kMaterialized = 1 };
@@ -1229,6 +1360,55 @@ std::tuple<at::Tensor, at::Tensor> depthwise_backward_cpu(const at::Tensor& grad
   return {output_mask[0] ? grad_x.contiguous(x.suggest_memory_format()) : at::Tensor(), grad_w};
 }
 
+// max_pool2d(x, kernel_size, stride, padding) + residual in x's memory format; the checks and their
+// messages are those of the Python fake (contract.check_max_pool_add_args).
+at::Tensor max_pool_add_cpu(const at::Tensor& x, const at::Tensor& residual, int64_t kernel_size, int64_t stride,
+                            int64_t padding) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "max_pool_add: x must be a 4-D [N, C, H, W] tensor, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                        x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                    "max_pool_add: x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(kernel_size >= 1, "max_pool_add: kernel_size must be >= 1, got ", kernel_size);
+  TORCH_CHECK_VALUE(stride >= 1, "max_pool_add: stride must be >= 1, got ", stride);
+  TORCH_CHECK_VALUE(padding >= 0 && 2 * padding <= kernel_size,
+                    "max_pool_add: padding must be between 0 and half of kernel_size (", kernel_size, "), got ",
+                    padding);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK_VALUE(C >= 1 && H >= 1 && W >= 1, "max_pool_add: x needs C, H, W >= 1, got shape ", x.sizes());
+  const int64_t Ho = (H + 2 * padding - kernel_size) / stride + 1, Wo = (W + 2 * padding - kernel_size) / stride + 1;
+  TORCH_CHECK_VALUE(H + 2 * padding >= kernel_size && W + 2 * padding >= kernel_size,
+                    "max_pool_add: x of size ", H, "x", W, " is smaller than the window (", kernel_size,
+                    ") with padding ", padding, ": the output would be empty");
+  TORCH_CHECK_VALUE(residual.sizes() == at::IntArrayRef({N, C, Ho, Wo}),
+                    "max_pool_add: residual must have the pooled shape [", N, ", ", C, ", ", Ho, ", ", Wo, "], got ",
+                    residual.sizes());
+  TORCH_CHECK_VALUE(residual.scalar_type() == x.scalar_type(), "max_pool_add: residual must have x's dtype (",
+                    x.scalar_type(), "), got ", residual.scalar_type());
+  TORCH_CHECK_VALUE(residual.device() == x.device(), "max_pool_add: residual is on ", residual.device(),
+                    " but x is on ", x.device());
+  const auto memory_format = x.suggest_memory_format();
+  const bool nhwc = memory_format == at::MemoryFormat::ChannelsLast;
+  const auto layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto x_in = x.contiguous(layout), r_in = residual.contiguous(layout);
+  auto out = at::empty({N, C, Ho, Wo}, x.options().memory_format(layout));
+  const PoolArgs args{N, C, H, W, Ho, Wo, kernel_size, stride, padding};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool_add_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x_in.const_data_ptr<scalar_t>();
+    const scalar_t* rp = r_in.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    // Whole output rows (NHWC) or planes (NCHW) per thread.
+    at::parallel_for(0, nhwc ? N * Ho : N * C, 1, [&](int64_t begin, int64_t end) {
+      if (nhwc) {
+        max_pool_add_nhwc(args, xp, rp, op, begin, end);
+      } else {
+        max_pool_add_nchw<scalar_t, acc_t>(args, xp, rp, op, begin, end);
+      }
+    });
+  });
+  return out;
+}
+
 std::vector<at::Tensor> pack_cpu(const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
                                  const at::Tensor& pw_weight, const std::optional<at::Tensor>& pw_bias,
                                  at::ScalarType dtype, c10::string_view strategy,
@@ -1252,6 +1432,7 @@ TORCH_LIBRARY_IMPL(xception_fast, CPU, m) {
   m.impl("sepconv_keeping_depthwise", &sepconv_keeping_depthwise_cpu);
   m.impl("depthwise_backward", &depthwise_backward_cpu);
   m.impl("pack_cpu", &pack_cpu);
+  m.impl("max_pool_add", &max_pool_add_cpu);
 }
 
 // No tensor to dispatch on: one kernel for every key.
