@@ -11,7 +11,8 @@ where BN is ``nn.BatchNorm2d`` (or timm's ``BatchNormAct2d``, whose BatchNorm is
 activation is taken), act is ReLU / ReLU6 / Hardswish, and modules that are identities in eval
 (``nn.Identity``, Dropout, stochastic depth) may sit anywhere in the chain. Every other convolution
 followed by a BatchNorm (stems, MobileNetV2's expansion convs, shortcuts) gets that BatchNorm folded
-into its weights in eval.
+into its weights in eval, and a max-pool whose result only an add takes (Xception's down-sampling
+blocks end in ``maxpool(x) + shortcut``) gets that add in its own pass.
 
 How it is found
 ---------------
@@ -30,7 +31,8 @@ things change:
 - the depthwise conv of a fused unit becomes a :class:`FusedSeparableConv2d` (its class is swapped in
   place: the same object, the same parameters). Called alone it is the conv it was; called by its
   owner with the rest of its unit's modules it runs the unit in one kernel.
-- a conv with a folded BatchNorm becomes a :class:`FusedConv2dBN` in the same way.
+- a conv with a folded BatchNorm becomes a :class:`FusedConv2dBN` in the same way, and a max-pool
+  that takes its add a :class:`FusedMaxPool2d` (called alone, the pool it was).
 - the owner's class becomes a subclass of its own, ``Fused<Class>`` (:class:`FusedBlock`), whose
   forward runs the rewritten graph (``fused_code`` shows it). The pointwise convs, BatchNorms and
   activations stay real registered children of their modules and are passed to the fused call, so
