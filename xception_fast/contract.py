@@ -205,7 +205,7 @@ def check_max_pool_add_args(x, residual, kernel_size, stride, padding):
     torch._check_value(h + 2 * padding >= kernel_size and w + 2 * padding >= kernel_size,
                        lambda: f"max_pool_add: x of size {h}x{w} is smaller than the window ({kernel_size}) with "
                                f"padding {padding}: the output would be empty")
-    shape = [n, c, (h + 2 * padding - kernel_size) // stride + 1, (w + 2 * padding - kernel_size) // stride + 1]
+    shape = [n, c] + [output_size(size, kernel_size, stride, padding, 1) for size in (h, w)]
     torch._check_value(list(residual.shape) == shape,
                        lambda: f"max_pool_add: residual must have the pooled shape {shape}, got {_shape(residual)}")
     torch._check_value(residual.dtype == x.dtype,

@@ -668,8 +668,7 @@ class FusedMaxPool2d(nn.MaxPool2d):
                 or residual.device != x.device or suggest_memory_format(x) != torch.channels_last
                 or _needs_grad((x, residual))):
             return None
-        n, c, h, w = x.shape
-        if list(residual.shape) != [n, c, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1]:
+        if list(residual.shape) != list(x.shape[:2]) + [conv_extent(n, k, s, p, 1) for n in x.shape[2:]]:
             return None
         return torch.ops.xception_fast.max_pool_add(x, residual, k, s, p)
 
@@ -998,6 +997,11 @@ def _is_add(node):
     return node.op == "call_method" and node.target == "add"
 
 
+def _other_operand(add, node):
+    """The argument of the two-argument add node that is not ``node``."""
+    return add.args[1] if add.args[0] is node else add.args[0]
+
+
 def _mutates_input(node, modules):
     """Whether node may write into one of its inputs."""
     if node.op == "call_module":
@@ -1150,7 +1154,7 @@ def _match_pools(graph, modules, calls, only, taken, order):
         if len(users) != 1 or not _is_add(users[0]) or users[0] in taken:
             continue
         add = users[0]
-        residual = add.args[1] if add.args[0] is pool else add.args[0]
+        residual = _other_operand(add, pool)
         if not isinstance(residual, fx.Node) or residual is pool:
             continue
         if _interleaved_problem([pool, add], {pool.args[0], residual}, order, modules) is None:
@@ -1245,7 +1249,7 @@ def _extend_out(unit, modules, calls, act_ins):
                 continue
             return
         if _is_add(user):
-            other = user.args[1] if user.args[0] is node else user.args[0]
+            other = _other_operand(user, node)
             if isinstance(other, fx.Node) and other is not node:
                 unit.add, unit.residual = user, other
         return
@@ -1396,7 +1400,7 @@ def _rewrite(graph, units, folds, pools, modules):
         pool, add = pool_add.pool, pool_add.add
         # From the add's arguments as they are now: the residual may have been a unit's or a fold's
         # result, replaced above by its call.
-        residual = add.args[1] if add.args[0] is pool else add.args[0]
+        residual = _other_operand(add, pool)
         with graph.inserting_before(add):
             call = graph.call_module(pool.target, pool.args, {"residual": residual})
         add.replace_all_uses_with(call)
