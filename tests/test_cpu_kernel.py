@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import copy
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -78,6 +79,43 @@ def test_kept_depthwise_result_when_output_channels_split(strategy, dtype, n, si
     out = run(tensors, unit, packed)
     assert_exact(out, eager(tensors, unit), reference64(tensors, unit), f"{strategy} {dtype}")
     assert_keeps_its_depthwise_result(tensors, unit, packed, out)
+
+
+def last_level_cache_bytes():
+    """The size of cpu0's highest cache level in Linux's sysfs, which the kernel reads to decide
+    when its bf16 depthwise result goes past the caches; None where sysfs does not say."""
+    caches = pathlib.Path("/sys/devices/system/cpu/cpu0/cache")
+    sizes = {}
+    for index in sorted(caches.glob("index*")):
+        try:
+            level, size = (index / "level").read_text().strip(), (index / "size").read_text().strip()
+        except OSError:
+            continue
+        sizes[int(level)] = int(size[:-1]) << {"K": 10, "M": 20}[size[-1]]
+    return sizes[max(sizes)] if sizes else None
+
+
+def test_bf16_depthwise_result_streamed_past_the_cache():
+    """A bf16 batch whose depthwise result and output together exceed the last-level cache: the
+    depthwise result is written with non-temporal stores. It is the same, to the bit, as each
+    image's alone (which stays cached), and the output is within the exactness rule."""
+    llc = last_level_cache_bytes()
+    if llc is None:
+        pytest.skip("sysfs gives no cache sizes here: the kernel never streams")
+    c, size = 64, 48
+    per_image = 2 * c * size * size * 2  # the depthwise result and the output, bf16
+    n = llc // per_image + 1
+    tensors, unit = make_inputs(n, c, c, size, size, unit=Unit(act_in="relu"), dtype=torch.bfloat16,
+                                layout="channels_last", dw_bias=True)
+    packed = pack(tensors, torch.bfloat16, "materialized")
+    out, depthwise = torch.ops.xception_fast.sepconv_keeping_depthwise(*op_args(tensors, unit, packed))
+    assert per_image * n > llc > 2 * per_image
+    for i in (0, n // 2, n - 1):
+        alone = dict(tensors, x=tensors["x"][i:i + 1])
+        assert torch.equal(depthwise[i:i + 1], torch.ops.xception_fast.sepconv_keeping_depthwise(
+            *op_args(alone, unit, packed))[1]), i
+    sample = dict(tensors, x=tensors["x"][:4])
+    assert_exact(out[:4], eager(sample, unit), reference64(sample, unit), "streamed bf16 unit")
 
 
 def test_the_rule():

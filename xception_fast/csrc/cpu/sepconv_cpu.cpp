@@ -42,6 +42,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -186,6 +187,45 @@ inline __attribute__((always_inline)) void store_vector(dst_t* dst, const vec_of
   }
 }
 
+// bfloat16 channels two vectors at a time, as the pairs of 16-bit values in each 32-bit lane: the even
+// channel of a pair is the lane shifted up by 16 bits, the odd one the lane with its low 16 bits
+// cleared. Two bitwise operations widen twice a vector's channels, where widen_bf16's interleave
+// is a permute per vector, and on the depthwise rows (each input vector widened several times, once
+// per window that reads it) those permutes compete with the FMAs for the vector pipes. The loops
+// that use them keep the taps and bias in the same order, the even channels' vector first
+// (depthwise_rows_impl).
+template <int VB>
+inline __attribute__((always_inline)) void widen_bf16_pairs(const c10::BFloat16* src, vec_of<float, VB>& even,
+                                                            vec_of<float, VB>& odd) {
+  using bits32 = vector_t<uint32_t, VB>;
+  bits32 pairs;
+  std::memcpy(&pairs, src, sizeof(pairs));
+  const bits32 even_bits = pairs << 16, odd_bits = pairs & 0xFFFF0000u;
+  std::memcpy(&even, &even_bits, sizeof(even));
+  std::memcpy(&odd, &odd_bits, sizeof(odd));
+}
+
+// The inverse: the even and odd channels' vectors, each rounded as store_vector rounds, interleaved.
+// With `stream`, a store that is a whole aligned vector bypasses the caches (a non-temporal store:
+// no read of the line before it is written; the writer fences them, DepthwiseArgs::stream).
+template <int VB, size_t... I>
+inline __attribute__((always_inline)) void store_bf16_pairs(c10::BFloat16* dst, const vec_of<float, VB>& even,
+                                                            const vec_of<float, VB>& odd, bool stream,
+                                                            std::index_sequence<I...>) {
+  const auto even_bits = bf16_bits<VB>(even), odd_bits = bf16_bits<VB>(odd);
+  const vector_t<uint16_t, VB> interleaved =
+      __builtin_shufflevector(even_bits, odd_bits, (I % 2 ? int(kLanes<float, VB>) + int(I / 2) : int(I / 2))...);
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (VB >= 32) {
+    if (stream && reinterpret_cast<uintptr_t>(dst) % VB == 0) {
+      asm volatile("vmovntdq %1, %0" : "=m"(*reinterpret_cast<char(*)[VB]>(dst)) : "v"(interleaved));
+      return;
+    }
+  }
+#endif
+  std::memcpy(dst, &interleaved, sizeof(interleaved));
+}
+
 // Calls body(std::integral_constant<int, VB>{}) from a function compiled for the widest instruction
 // set this CPU has, VB its vector width in bytes. The body and everything it calls must be inlined
 // (always_inline): code out of line is compiled for the baseline instruction set. ATen's choice of
@@ -306,6 +346,9 @@ struct DepthwiseArgs {
   const acc_t* bias;       // [C]
   int64_t N, C, H, W, Ho, Wo, k, stride, padding, dilation;
   Activation<acc_t> act_in, act_mid;
+  // Whether the bfloat16 result goes past the caches (store_bf16_pairs; depthwise_rows fences the
+  // stores before it returns): run_materialized says when.
+  bool stream = false;
 };
 
 // Output pixels [p_begin, p_end) (flat NHWC indices of the output) into dst[p - p_begin][0, C),
@@ -333,6 +376,26 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
   const Activation<acc_t> in = a.act_in, mid = a.act_mid;
   const acc_t* __restrict__ taps = a.taps;
   const acc_t* __restrict__ dw_bias = a.bias;
+  // bfloat16 x into a bfloat16 result (materialized): the channels two vectors at a time
+  // (widen_bf16_pairs), with their taps and bias reordered to match, the even channels of each
+  // pair of vectors first; the channels past the last whole pair take the loops below, with the
+  // taps in their own order.
+  constexpr bool kPairs = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<dst_t, c10::BFloat16>;
+  const int64_t paired = kPairs ? C / (2 * lanes) * (2 * lanes) : 0;
+  std::vector<acc_t> split;  // [k * k + 1][paired]: the taps, then the bias
+  if (paired > 0) {
+    split.resize(static_cast<size_t>((k * k + 1) * paired));
+    for (int64_t t = 0; t <= k * k; ++t) {
+      const acc_t* from = t < k * k ? taps + t * C : dw_bias;
+      acc_t* to = split.data() + t * paired;
+      for (int64_t c = 0; c < paired; ++c) {
+        const int64_t in_pair = c % (2 * lanes);
+        to[c - in_pair + in_pair % 2 * lanes + in_pair / 2] = from[c];
+      }
+    }
+  }
+  const acc_t* __restrict__ split_taps = split.data();
+  const bool stream = kPairs && a.stream;
   // The lambdas are inlined by force: out of line they would be compiled outside the entry point's
   // AVX-512 / AVX2 build (for_this_cpu), for the baseline instruction set.
   auto finish = [&](auto v) __attribute__((always_inline)) { return mid(v); };
@@ -356,49 +419,87 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
     constexpr int64_t G = decltype(group_size)::value;
     const int64_t column = (ow * stride - pad) * C, pixel_step = stride * C, tap_step = dil * C;
     int64_t c0 = 0;
-    // The channels a vector at a time. S = 1 or 2: 3x3 and 5x5 windows at that stride without
+    // The channels P vectors at a time: P = 2 for bfloat16 pairs (widen_bf16_pairs, the taps and
+    // bias from `split`), P = 1 otherwise. S = 1 or 2: 3x3 and 5x5 windows at that stride without
     // dilation (every model's), where the group's windows overlap and each input vector they share
     // is loaded, widened and activated once, then serves every tap that reads it. S = 0: any
     // stride and dilation, each tap's input loaded on its own.
-    auto channel_vectors = [&](auto stride_constant) __attribute__((always_inline)) {
+    auto channel_steps = [&](auto parts, auto stride_constant, int64_t c_end, const acc_t* __restrict__ tap_base,
+                             int64_t tap_ld, const acc_t* __restrict__ bias_base) __attribute__((always_inline)) {
+      constexpr int64_t P = decltype(parts)::value;
       constexpr int64_t S = decltype(stride_constant)::value;
-      for (; c0 + lanes <= C; c0 += lanes) {
+      auto load_input = [&](const scalar_t* src, vec_t (&v)[P]) __attribute__((always_inline)) {
+        if constexpr (P == 2) {
+          widen_bf16_pairs<VB>(src, v[0], v[1]);
+        } else {
+          v[0] = load_vector<acc_t, VB>(src);
+        }
+#pragma GCC unroll 2
+        for (int64_t q = 0; q < P; ++q) v[q] = apply_in_act<IA, acc_t>(v[q], in);
+      };
+      for (; c0 + P * lanes <= c_end; c0 += P * lanes) {
         if (S > 0 && next_row != nullptr && (c0 * sizeof(scalar_t)) % 64 == 0) {
 #pragma GCC unroll 8
           for (int64_t i = 0; i < G * S; ++i) __builtin_prefetch(next_row + column + i * C + c0, 0, 2);
         }
-        vec_t acc[G] = {};
+        vec_t acc[G][P] = {};
         for (int64_t r = 0; r < rows; ++r) {
           const scalar_t* __restrict__ base = in_rows[r] + column + c0;
-          const acc_t* __restrict__ tap_row = taps + tap_rows[r] * k * C + c0;
+          const acc_t* __restrict__ tap_row = tap_base + tap_rows[r] * k * tap_ld + c0;
           if constexpr (S > 0) {
             // Column by column, so that one input vector is live at a time (AVX2 has 16
             // registers): each pixel's taps still add up in the order kw = 0, 1, ...
 #pragma GCC unroll 16
             for (int64_t i = 0; i < (G - 1) * S + KS; ++i) {
-              const vec_t v = apply_in_act<IA, acc_t>(load_vector<acc_t, VB>(base + i * C), in);
+              vec_t v[P];
+              load_input(base + i * C, v);
 #pragma GCC unroll 4
               for (int64_t g = 0; g < G; ++g) {
                 const int64_t kw = i - g * S;
-                if (kw >= 0 && kw < KS) acc[g] += v * load_vector<acc_t, VB>(tap_row + kw * C);
+                if (kw >= 0 && kw < KS) {
+#pragma GCC unroll 2
+                  for (int64_t q = 0; q < P; ++q) {
+                    acc[g][q] += v[q] * load_vector<acc_t, VB>(tap_row + kw * tap_ld + q * lanes);
+                  }
+                }
               }
             }
           } else {
 #pragma GCC unroll 7
             for (int64_t kw = 0; kw < k; ++kw) {
-              const vec_t tap = load_vector<acc_t, VB>(tap_row + kw * C);
+              vec_t tap[P];
+#pragma GCC unroll 2
+              for (int64_t q = 0; q < P; ++q) tap[q] = load_vector<acc_t, VB>(tap_row + kw * tap_ld + q * lanes);
 #pragma GCC unroll 4
               for (int64_t g = 0; g < G; ++g) {
-                acc[g] += apply_in_act<IA, acc_t>(load_vector<acc_t, VB>(base + kw * tap_step + g * pixel_step), in) *
-                          tap;
+                vec_t v[P];
+                load_input(base + kw * tap_step + g * pixel_step, v);
+#pragma GCC unroll 2
+                for (int64_t q = 0; q < P; ++q) acc[g][q] += v[q] * tap[q];
               }
             }
           }
         }
-        const vec_t bias = load_vector<acc_t, VB>(dw_bias + c0);
+        vec_t bias[P];
+#pragma GCC unroll 2
+        for (int64_t q = 0; q < P; ++q) bias[q] = load_vector<acc_t, VB>(bias_base + c0 + q * lanes);
 #pragma GCC unroll 4
-        for (int64_t g = 0; g < G; ++g) store_vector<dst_t, acc_t, VB>(out + g * ld_dst + c0, finish(acc[g] + bias));
+        for (int64_t g = 0; g < G; ++g) {
+          if constexpr (P == 2) {
+            store_bf16_pairs<VB>(out + g * ld_dst + c0, finish(acc[g][0] + bias[0]), finish(acc[g][1] + bias[1]),
+                                 stream, std::make_index_sequence<2 * lanes>{});
+          } else {
+            store_vector<dst_t, acc_t, VB>(out + g * ld_dst + c0, finish(acc[g][0] + bias[0]));
+          }
+        }
       }
+    };
+    auto channel_vectors = [&](auto stride_constant) __attribute__((always_inline)) {
+      if constexpr (kPairs) {
+        channel_steps(std::integral_constant<int64_t, 2>{}, stride_constant, paired, split_taps, paired,
+                      split_taps + k * k * paired);
+      }
+      channel_steps(std::integral_constant<int64_t, 1>{}, stride_constant, C, taps, C, dw_bias);
     };
     if constexpr (KS > 0) {
       if (dil == 1 && stride == 1) channel_vectors(std::integral_constant<int64_t, 1>{});
@@ -483,6 +584,9 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
     }
     p += count;
   }
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (stream) asm volatile("sfence" ::: "memory");
+#endif
 }
 
 // (x dtype, depthwise destination dtype, accumulator dtype): the depthwise result goes to memory in
@@ -1081,6 +1185,28 @@ int64_t l2_bytes_per_core() {
   return bytes > 0 ? bytes : int64_t{512} << 10;
 }
 
+// The last-level cache, as Linux's sysfs describes cpu0's caches (the highest level's size), or 0
+// where it does not say. Not sysconf's L3 size: on a VM glibc derives it from what CPUID reports,
+// which need not be the cache the guest has (ten times it on the AMD EPYC VM here).
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t level = 0, size = 0;
+    for (int index = 0;; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+      std::ifstream level_file(dir + "level"), size_file(dir + "size");
+      int64_t this_level = 0, kib = 0;
+      std::string unit;
+      if (!(level_file >> this_level) || !(size_file >> kib >> unit)) break;
+      if (this_level >= level) {
+        level = this_level;
+        size = kib << (unit == "K" ? 10 : unit == "M" ? 20 : 0);
+      }
+    }
+    return size;
+  }();
+  return bytes;
+}
+
 TilePlan plan_tiles(int64_t M, int64_t depth, int64_t operand_size, int64_t blocks) {
   static const int64_t budget = l2_bytes_per_core() / 2;
   const int64_t threads = at::get_num_threads(), wanted = 4 * threads;
@@ -1194,7 +1320,15 @@ void run_materialized(Operands& o) {
   const int64_t M = s.N * s.Ho * s.Wo;
   // The intermediate in x's dtype, as eager's depthwise conv writes it.
   auto d = at::empty({s.N, s.C, s.Ho, s.Wo}, o.x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const auto dw = depthwise_args<scalar_t, scalar_t, acc_t>(o);
+  auto dw = depthwise_args<scalar_t, scalar_t, acc_t>(o);
+  // Past the caches where the depthwise result and the product's output together exceed the
+  // last-level cache: the lines of the result would then leave the cache before the product reads
+  // them, so reading each line before it is written (what a cached store does) and keeping it are
+  // traffic for nothing, in the depthwise pass, which is bound by memory at those sizes (glibc's
+  // memcpy switches to the same stores past a fraction of that cache). Below it the product finds
+  // the result in the cache and the cached stores are faster (README, CPU kernel, gives both).
+  const int64_t llc = last_level_cache_bytes();
+  dw.stream = llc > 0 && (d.nbytes() + M * s.Cout * d.element_size()) > static_cast<size_t>(llc);
   const InAct in_act = in_act_kind(s.act_in);
   scalar_t* d_ptr = d.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) { depthwise_rows(dw, in_act, b, e, d_ptr + b * s.C, s.C); });
