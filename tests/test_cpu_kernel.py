@@ -358,3 +358,26 @@ def test_each_vector_width(capability):
                       "not vector_width and not triton and not cuda and not reference and not gpu")
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert " passed" in done.stdout, done.stdout[-3000:]
+
+
+def test_bf16_weights_packed_for_other_vectors_are_refused(tmp_path):
+    """bf16 taps are packed in the order this CPU's loops read them, two vectors of channels at a
+    time: weights packed where the vectors are narrower (another CPU; here a capped process) are
+    refused, not read in the wrong order."""
+    saved = tmp_path / "packed.pt"
+    capped = run_capped("default", "-c", "import sys, torch, xception_fast.ops\n"
+                                         "torch.manual_seed(0)\n"
+                                         "w = [torch.randn(s).bfloat16() for s in ((40, 1, 3, 3), (40,), (8, 40, 1, 1))]\n"
+                                         "packed = torch.ops.xception_fast.pack_cpu(w[0], w[1], w[2], None, "
+                                         "torch.bfloat16, 'auto', None)\n"
+                                         "torch.save((w, packed), sys.argv[1])", str(saved))
+    assert capped.returncode == 0, capped.stderr[-3000:]
+    if torch.ops.xception_fast.cpu_vector_bytes() == 16:
+        pytest.skip("this process's vectors are the capped process's: the same pack")
+    (dw_weight, dw_bias, pw_weight), packed = torch.load(saved)
+    x = torch.randn(2, 40, 6, 5).to(torch.bfloat16)
+    args = (x, dw_weight, dw_bias, pw_weight, None, None, 1, 1, 1, "relu", "identity", "identity")
+    with pytest.raises(ValueError, match="taps in pairs of 8 channels.*pack them again"):
+        torch.ops.xception_fast.sepconv(*args, packed)
+    here = torch.ops.xception_fast.pack_cpu(dw_weight, dw_bias, pw_weight, None, torch.bfloat16, "auto", None)
+    assert torch.equal(torch.ops.xception_fast.sepconv(*args, here), torch.ops.xception_fast.sepconv(*args, None))

@@ -342,8 +342,10 @@ inline __attribute__((always_inline)) V apply_in_act(V v, const Activation<acc_t
 template <typename scalar_t, typename acc_t>
 struct DepthwiseArgs {
   const scalar_t* x;       // NHWC [N][H][W][C]
-  const acc_t* taps;       // [k * k][C]
-  const acc_t* bias;       // [C]
+  // [k * k][C] and [C], in channel order; for bfloat16 x into a bfloat16 result, reordered within
+  // each whole pair of vectors of channels as the loops read them (tap_pairs_for, pack_cpu_impl).
+  const acc_t* taps;
+  const acc_t* bias;
   int64_t N, C, H, W, Ho, Wo, k, stride, padding, dilation;
   Activation<acc_t> act_in, act_mid;
   // Whether the bfloat16 result goes past the caches (store_bf16_pairs; depthwise_rows fences the
@@ -377,28 +379,37 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
   const acc_t* __restrict__ taps = a.taps;
   const acc_t* __restrict__ dw_bias = a.bias;
   // bfloat16 x into a bfloat16 result (materialized): the channels two vectors at a time
-  // (widen_bf16_pairs), with their taps and bias reordered to match, the even channels of each
-  // pair of vectors first; the channels past the last whole pair take the loops below, with the
-  // taps in their own order.
+  // (widen_bf16_pairs), their taps and bias packed in the same order, the even channels of each
+  // pair of vectors first; the channels past the last whole pair take the loops below, their taps
+  // in channel order.
   constexpr bool kPairs = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<dst_t, c10::BFloat16>;
   const int64_t paired = kPairs ? C / (2 * lanes) * (2 * lanes) : 0;
-  std::vector<acc_t> split;  // [k * k + 1][paired]: the taps, then the bias
-  if (paired > 0) {
-    split.resize(static_cast<size_t>((k * k + 1) * paired));
-    for (int64_t t = 0; t <= k * k; ++t) {
-      const acc_t* from = t < k * k ? taps + t * C : dw_bias;
-      acc_t* to = split.data() + t * paired;
-      for (int64_t c = 0; c < paired; ++c) {
-        const int64_t in_pair = c % (2 * lanes);
-        to[c - in_pair + in_pair % 2 * lanes + in_pair / 2] = from[c];
-      }
-    }
-  }
-  const acc_t* __restrict__ split_taps = split.data();
   const bool stream = kPairs && a.stream;
   // The lambdas are inlined by force: out of line they would be compiled outside the entry point's
   // AVX-512 / AVX2 build (for_this_cpu), for the baseline instruction set.
   auto finish = [&](auto v) __attribute__((always_inline)) { return mid(v); };
+  // P vectors of channels from src, widened and activated: P = 2 for a pair of bfloat16 vectors
+  // (widen_bf16_pairs, whose taps and bias are packed in the pairs' order), P = 1 otherwise.
+  auto load_input = [&](const scalar_t* src, auto& v) __attribute__((always_inline)) {
+    constexpr int64_t P = std::extent_v<std::remove_reference_t<decltype(v)>>;
+    if constexpr (P == 2) {
+      widen_bf16_pairs<VB>(src, v[0], v[1]);
+    } else {
+      v[0] = load_vector<acc_t, VB>(src);
+    }
+#pragma GCC unroll 2
+    for (int64_t q = 0; q < P; ++q) v[q] = apply_in_act<IA, acc_t>(v[q], in);
+  };
+  // P vectors of the result, their sums plus the bias, to dst.
+  auto store_result = [&](dst_t* dst, const auto& acc, const auto& bias) __attribute__((always_inline)) {
+    constexpr int64_t P = std::extent_v<std::remove_reference_t<decltype(acc)>>;
+    if constexpr (P == 2) {
+      store_bf16_pairs<VB>(dst, finish(acc[0] + bias[0]), finish(acc[1] + bias[1]), stream,
+                           std::make_index_sequence<2 * lanes>{});
+    } else {
+      store_vector<dst_t, acc_t, VB>(dst, finish(acc[0] + bias[0]));
+    }
+  };
   // The output columns whose window lies inside x: ow * stride - pad >= 0 and
   // ow * stride - pad + (k - 1) * dil <= W - 1.
   const int64_t interior_first = (pad + stride - 1) / stride;
@@ -419,24 +430,13 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
     constexpr int64_t G = decltype(group_size)::value;
     const int64_t column = (ow * stride - pad) * C, pixel_step = stride * C, tap_step = dil * C;
     int64_t c0 = 0;
-    // The channels P vectors at a time: P = 2 for bfloat16 pairs (widen_bf16_pairs, the taps and
-    // bias from `split`), P = 1 otherwise. S = 1 or 2: 3x3 and 5x5 windows at that stride without
+    // The channels P vectors at a time (load_input). S = 1 or 2: 3x3 and 5x5 windows at that stride without
     // dilation (every model's), where the group's windows overlap and each input vector they share
     // is loaded, widened and activated once, then serves every tap that reads it. S = 0: any
     // stride and dilation, each tap's input loaded on its own.
-    auto channel_steps = [&](auto parts, auto stride_constant, int64_t c_end, const acc_t* __restrict__ tap_base,
-                             int64_t tap_ld, const acc_t* __restrict__ bias_base) __attribute__((always_inline)) {
+    auto channel_steps = [&](auto parts, auto stride_constant, int64_t c_end) __attribute__((always_inline)) {
       constexpr int64_t P = decltype(parts)::value;
       constexpr int64_t S = decltype(stride_constant)::value;
-      auto load_input = [&](const scalar_t* src, vec_t (&v)[P]) __attribute__((always_inline)) {
-        if constexpr (P == 2) {
-          widen_bf16_pairs<VB>(src, v[0], v[1]);
-        } else {
-          v[0] = load_vector<acc_t, VB>(src);
-        }
-#pragma GCC unroll 2
-        for (int64_t q = 0; q < P; ++q) v[q] = apply_in_act<IA, acc_t>(v[q], in);
-      };
       for (; c0 + P * lanes <= c_end; c0 += P * lanes) {
         if (S > 0 && next_row != nullptr && (c0 * sizeof(scalar_t)) % 64 == 0) {
 #pragma GCC unroll 8
@@ -445,7 +445,7 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
         vec_t acc[G][P] = {};
         for (int64_t r = 0; r < rows; ++r) {
           const scalar_t* __restrict__ base = in_rows[r] + column + c0;
-          const acc_t* __restrict__ tap_row = tap_base + tap_rows[r] * k * tap_ld + c0;
+          const acc_t* __restrict__ tap_row = taps + tap_rows[r] * k * C + c0;
           if constexpr (S > 0) {
             // Column by column, so that one input vector is live at a time (AVX2 has 16
             // registers): each pixel's taps still add up in the order kw = 0, 1, ...
@@ -459,7 +459,7 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
                 if (kw >= 0 && kw < KS) {
 #pragma GCC unroll 2
                   for (int64_t q = 0; q < P; ++q) {
-                    acc[g][q] += v[q] * load_vector<acc_t, VB>(tap_row + kw * tap_ld + q * lanes);
+                    acc[g][q] += v[q] * load_vector<acc_t, VB>(tap_row + kw * C + q * lanes);
                   }
                 }
               }
@@ -469,7 +469,7 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
             for (int64_t kw = 0; kw < k; ++kw) {
               vec_t tap[P];
 #pragma GCC unroll 2
-              for (int64_t q = 0; q < P; ++q) tap[q] = load_vector<acc_t, VB>(tap_row + kw * tap_ld + q * lanes);
+              for (int64_t q = 0; q < P; ++q) tap[q] = load_vector<acc_t, VB>(tap_row + kw * C + q * lanes);
 #pragma GCC unroll 4
               for (int64_t g = 0; g < G; ++g) {
                 vec_t v[P];
@@ -482,24 +482,16 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
         }
         vec_t bias[P];
 #pragma GCC unroll 2
-        for (int64_t q = 0; q < P; ++q) bias[q] = load_vector<acc_t, VB>(bias_base + c0 + q * lanes);
+        for (int64_t q = 0; q < P; ++q) bias[q] = load_vector<acc_t, VB>(dw_bias + c0 + q * lanes);
 #pragma GCC unroll 4
-        for (int64_t g = 0; g < G; ++g) {
-          if constexpr (P == 2) {
-            store_bf16_pairs<VB>(out + g * ld_dst + c0, finish(acc[g][0] + bias[0]), finish(acc[g][1] + bias[1]),
-                                 stream, std::make_index_sequence<2 * lanes>{});
-          } else {
-            store_vector<dst_t, acc_t, VB>(out + g * ld_dst + c0, finish(acc[g][0] + bias[0]));
-          }
-        }
+        for (int64_t g = 0; g < G; ++g) store_result(out + g * ld_dst + c0, acc[g], bias);
       }
     };
     auto channel_vectors = [&](auto stride_constant) __attribute__((always_inline)) {
       if constexpr (kPairs) {
-        channel_steps(std::integral_constant<int64_t, 2>{}, stride_constant, paired, split_taps, paired,
-                      split_taps + k * k * paired);
+        channel_steps(std::integral_constant<int64_t, 2>{}, stride_constant, paired);
       }
-      channel_steps(std::integral_constant<int64_t, 1>{}, stride_constant, C, taps, C, dw_bias);
+      channel_steps(std::integral_constant<int64_t, 1>{}, stride_constant, C);
     };
     if constexpr (KS > 0) {
       if (dil == 1 && stride == 1) channel_vectors(std::integral_constant<int64_t, 1>{});
@@ -523,18 +515,30 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
   auto border = [&](int64_t ow, dst_t* __restrict__ out) __attribute__((always_inline)) {
     const int64_t iw0 = ow * stride - pad;
     int64_t c0 = 0;
-    for (; c0 + lanes <= C; c0 += lanes) {
-      vec_t acc = {};
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t kw = 0; kw < k; ++kw) {
-          const int64_t iw = iw0 + kw * dil;
-          if (iw < 0 || iw >= W) continue;
-          acc += apply_in_act<IA, acc_t>(load_vector<acc_t, VB>(in_rows[r] + iw * C + c0), in) *
-                 load_vector<acc_t, VB>(taps + (tap_rows[r] * k + kw) * C + c0);
+    auto channel_steps = [&](auto parts, int64_t c_end) __attribute__((always_inline)) {
+      constexpr int64_t P = decltype(parts)::value;
+      for (; c0 + P * lanes <= c_end; c0 += P * lanes) {
+        vec_t acc[P] = {};
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t kw = 0; kw < k; ++kw) {
+            const int64_t iw = iw0 + kw * dil;
+            if (iw < 0 || iw >= W) continue;
+            vec_t v[P];
+            load_input(in_rows[r] + iw * C + c0, v);
+#pragma GCC unroll 2
+            for (int64_t q = 0; q < P; ++q) {
+              acc[q] += v[q] * load_vector<acc_t, VB>(taps + (tap_rows[r] * k + kw) * C + c0 + q * lanes);
+            }
+          }
         }
+        vec_t bias[P];
+#pragma GCC unroll 2
+        for (int64_t q = 0; q < P; ++q) bias[q] = load_vector<acc_t, VB>(dw_bias + c0 + q * lanes);
+        store_result(out + c0, acc, bias);
       }
-      store_vector<dst_t, acc_t, VB>(out + c0, finish(acc + load_vector<acc_t, VB>(dw_bias + c0)));
-    }
+    };
+    if constexpr (kPairs) channel_steps(std::integral_constant<int64_t, 2>{}, paired);
+    channel_steps(std::integral_constant<int64_t, 1>{}, C);
     for (; c0 < C; ++c0) {
       acc_t acc = 0;
       for (int64_t r = 0; r < rows; ++r) {
@@ -950,10 +954,33 @@ enum CpuHeaderField : int64_t {
   kBlockWidth = kHeaderLength,  // tiled: output channels per product block
   kDepth,                       // tiled: K, the product's depth (C, rounded up to the VNNI pairs)
   kSumDepth,                    // tiled: K per chunk of the blocked sum (see run_tiled)
+  kTapPairs,                    // the channels per pair of vectors the taps are ordered by, or 0
   kCpuHeaderLength
 };
 // [header, taps [k*k][C], dw_bias [C], pointwise (strategy's layout), pw_bias [Cout or blocks]]
 constexpr int64_t kCpuPackedLength = 5;
+
+// bfloat16 x: the depthwise loops read two vectors of channels at a time, the even channels of
+// each pair of vectors first (widen_bf16_pairs), and the taps and bias are packed in that order
+// for this CPU's vectors: 2 x its float lanes channels per pair. 0 (channel order) otherwise.
+int64_t tap_pairs_for(at::ScalarType x_dtype) {
+  return x_dtype == at::kBFloat16 ? 2 * vector_bytes() / static_cast<int64_t>(sizeof(float)) : 0;
+}
+
+// Within each whole pair of `pair` channels of the last dimension, the even channels first, then
+// the odd ones; the channels past the last whole pair stay in order.
+at::Tensor in_pairs_order(const at::Tensor& t, int64_t pair) {
+  const int64_t C = t.size(-1), paired = pair > 0 ? C / pair * pair : 0;
+  if (paired == 0) return t;
+  auto out = t.clone();
+  auto head = t.narrow(-1, 0, paired);
+  auto sizes = head.sizes().vec();
+  sizes.back() = paired / pair;
+  sizes.push_back(pair / 2);
+  sizes.push_back(2);
+  out.narrow(-1, 0, paired).copy_(head.reshape(sizes).transpose(-1, -2).reshape(head.sizes()));
+  return out;
+}
 
 #ifdef CPUBLAS_BRGEMM_F32F32F32
 constexpr bool kHasBrgemm = true;
@@ -1110,9 +1137,12 @@ std::vector<at::Tensor> pack_cpu_impl(const at::Tensor& dw_weight, const std::op
   h[kKernelSize] = k;
   h[kProductDtype] = static_cast<int64_t>(product_dtype);
   h[kLayout] = strategy;
+  h[kTapPairs] = tap_pairs_for(x_dtype);
 
-  const auto taps = dw_weight.detach().reshape({C, k * k}).t().to(acc_dtype).contiguous();
-  const auto dw_b = dw_bias.has_value() ? dw_bias->detach().to(acc_dtype).contiguous() : at::zeros({C}, opts);
+  const auto taps =
+      in_pairs_order(dw_weight.detach().reshape({C, k * k}).t().to(acc_dtype).contiguous(), h[kTapPairs]);
+  const auto dw_b = in_pairs_order(
+      dw_bias.has_value() ? dw_bias->detach().to(acc_dtype).contiguous() : at::zeros({C}, opts), h[kTapPairs]);
   const auto w = pw_weight.detach().reshape({Cout, C});
   at::Tensor pointwise, pw_b;
   if (strategy == kTiled) {
@@ -1394,6 +1424,10 @@ std::tuple<at::Tensor, at::Tensor> run_unit(const at::Tensor& x, const at::Tenso
   TORCH_CHECK_VALUE(o.taps.scalar_type() == acc_dtype && o.taps.numel() == s.k * s.k * s.C &&
                         o.dw_bias.numel() == s.C && o.taps.is_contiguous() && o.dw_bias.is_contiguous(),
                     "sepconv: packed weights do not hold this unit's depthwise taps");
+  TORCH_CHECK_VALUE(o.header[kTapPairs] == tap_pairs_for(x.scalar_type()),
+                    "sepconv: packed weights were made with their taps in pairs of ", o.header[kTapPairs],
+                    " channels, this CPU's kernel reads them in pairs of ", tap_pairs_for(x.scalar_type()),
+                    " (made on another CPU or for another dtype): pack them again");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sepconv_cpu", [&] {
     if (o.header[kLayout] == kMaterialized) {
