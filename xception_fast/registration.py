@@ -47,10 +47,14 @@ def register_autograd(op_name, forward_op, keeps_depthwise=False):
         saved = (x, dw_weight, dw_bias, pw_weight, pw_bias)
         if keeps_depthwise:
             ctx.mark_non_differentiable(output[1])
+            # Its gradient is never defined: not made as a tensor of zeros for every backward.
+            ctx.set_materialize_grads(False)
             saved += (output[1],)
         ctx.save_for_backward(*saved)
 
     def backward(ctx, grad, *depthwise_grad):
+        if grad is None:  # not materialized (keeps_depthwise): no gradient reaches the output
+            return (None,) * 12 + (ctx.packed_grad,)
         x, dw_weight, dw_bias, pw_weight, pw_bias, *kept = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_x, need_dw, need_dw_bias, need_pw, need_pw_bias = need[:5]
