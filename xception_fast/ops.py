@@ -225,7 +225,7 @@ def pack_weights(backend, dtype, dw_weight, dw_bias, pw_weight, pw_bias, output_
     """The unit's weights in ``backend``'s own layout for x of ``dtype`` ("cpu", "cuda" or "triton";
     no weight work is left for the call that takes them as ``packed``). Make them again when a
     weight changes, for another dtype or precision setting, and on another machine (the CPU
-    kernel's bf16 taps are laid out for this CPU's vectors); the kernels check all three.
+    kernel's bf16 taps are laid out for this CPU's vectors); the kernels check the last two.
     ``output_size`` ([N, Cout, Ho, Wo] of the calls to come) lets the CPU kernel lay oneDNN's
     weights out for that shape; other shapes still run, at the cost of a reorder per call."""
     # The packed weights are a copy, not a function of the weights that autograd follows.
