@@ -199,6 +199,15 @@ def test_packed_weights_made_under_another_precision_setting_are_refused():
             run(tensors, unit, packed)
 
 
+def test_packed_weights_with_a_header_of_another_length_are_refused():
+    tensors, unit = make_inputs(2, 16, 8, 5, 5)
+    packed = pack(tensors, torch.float32, "auto")
+    fields = packed[0].numel()
+    for header in (packed[0][:-1], torch.cat([packed[0], packed[0][:1]])):
+        with pytest.raises(ValueError, match=f"header of {header.numel()} fields.*writes {fields}.*pack them again"):
+            run(tensors, unit, [header, *packed[1:]])
+
+
 class Unit2(nn.Module):
     """DW -> BN -> ReLU6 -> PW -> BN, a MobileNet-style unit with a residual."""
 

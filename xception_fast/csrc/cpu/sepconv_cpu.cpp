@@ -430,10 +430,10 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
     constexpr int64_t G = decltype(group_size)::value;
     const int64_t column = (ow * stride - pad) * C, pixel_step = stride * C, tap_step = dil * C;
     int64_t c0 = 0;
-    // The channels P vectors at a time (load_input). S = 1 or 2: 3x3 and 5x5 windows at that stride without
-    // dilation (every model's), where the group's windows overlap and each input vector they share
-    // is loaded, widened and activated once, then serves every tap that reads it. S = 0: any
-    // stride and dilation, each tap's input loaded on its own.
+    // The channels P vectors at a time (load_input). S = 1 or 2: 3x3 and 5x5 windows at that
+    // stride without dilation (every model's), where the group's windows overlap and each input
+    // vector they share is loaded, widened and activated once, then serves every tap that reads
+    // it. S = 0: any stride and dilation, each tap's input loaded on its own.
     auto channel_steps = [&](auto parts, auto stride_constant, int64_t c_end) __attribute__((always_inline)) {
       constexpr int64_t P = decltype(parts)::value;
       constexpr int64_t S = decltype(stride_constant)::value;
@@ -1416,6 +1416,9 @@ std::tuple<at::Tensor, at::Tensor> run_unit(const at::Tensor& x, const at::Tenso
   Operands o{s, x_nhwc, res_nhwc, out};
   o.keep_depthwise = keep_depthwise;
   o.header = check_packed_header(weights, kCpuFormat, s, product_dtype_for(x.scalar_type()), kCpuPackedLength);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(o.header.size()) == kCpuHeaderLength,
+                    "sepconv: packed weights have a header of ", o.header.size(), " fields, this version's CPU kernel "
+                    "writes ", kCpuHeaderLength, " (packed by another version): pack them again");
   o.taps = weights[1];
   o.dw_bias = weights[2];
   o.pointwise = weights[3];
