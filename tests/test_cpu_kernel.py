@@ -208,6 +208,14 @@ def test_packed_weights_with_a_header_of_another_length_are_refused():
             run(tensors, unit, [header, *packed[1:]])
 
 
+def test_packed_weights_without_this_units_pointwise_bias_are_refused():
+    tensors, unit = make_inputs(2, 16, 8, 5, 5, dtype=torch.bfloat16)
+    packed = pack(tensors, torch.bfloat16, "materialized")
+    for bias in (packed[5].float(), packed[5][:-1]):
+        with pytest.raises(ValueError, match="pointwise bias"):
+            run(tensors, unit, [*packed[:5], bias])
+
+
 class Unit2(nn.Module):
     """DW -> BN -> ReLU6 -> PW -> BN, a MobileNet-style unit with a residual."""
 

@@ -957,8 +957,10 @@ enum CpuHeaderField : int64_t {
   kTapPairs,                    // the channels per pair of vectors the taps are ordered by, or 0
   kCpuHeaderLength
 };
-// [header, taps [k*k][C], dw_bias [C], pointwise (strategy's layout), pw_bias [Cout or blocks]]
-constexpr int64_t kCpuPackedLength = 5;
+// [header, taps [k*k][C], dw_bias [C], pointwise (strategy's layout), pw_bias [Cout or blocks],
+//  pw_bias in x's dtype [Cout] (materialized: for the products that take the bias in their input's
+//  dtype, oneDNN's with a residual and ATen's; tiled: pw_bias again)]
+constexpr int64_t kCpuPackedLength = 6;
 
 // bfloat16 x: the depthwise loops read two vectors of channels at a time, the even channels of
 // each pair of vectors first (widen_bf16_pairs), and the taps and bias are packed in that order
@@ -1161,7 +1163,7 @@ std::vector<at::Tensor> pack_cpu_impl(const at::Tensor& dw_weight, const std::op
     pointwise = materialized_in_onednn(x_dtype) && input_size.has_value() ? reorder_for_onednn(w4, *input_size) : w4;
     pw_b = pw_bias.has_value() ? pw_bias->detach().to(acc_dtype).contiguous() : at::zeros({Cout}, opts);
   }
-  return {header, taps, dw_b, pointwise, pw_b};
+  return {header, taps, dw_b, pointwise, pw_b, strategy == kTiled ? pw_b : pw_b.to(x_dtype)};
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1170,7 +1172,7 @@ std::vector<at::Tensor> pack_cpu_impl(const at::Tensor& dw_weight, const std::op
 struct Operands {
   UnitShape s;
   at::Tensor x, residual, out;  // NHWC (channels-last) x and residual, channels-last out
-  at::Tensor taps, dw_bias, pointwise, pw_bias;
+  at::Tensor taps, dw_bias, pointwise, pw_bias, pw_bias_in_x_dtype;
   std::vector<int64_t> header;
   // The depthwise result, channels-last in x's dtype, for a backward that would otherwise
   // recompute it: defined (allocated by the tiled strategy, its own intermediate by the
@@ -1311,8 +1313,10 @@ void run_tiled(Operands& o) {
 
 // mkldnn::_convolution_pointwise and its .binary overload, through the dispatcher: oneDNN is
 // linked into libtorch with its symbols hidden.
-at::Tensor onednn_pointwise(const at::Tensor& d, const at::Tensor& w, const at::Tensor& bias, Act act,
-                            const at::Tensor& residual) {
+// The bias goes in as float32, added before the one rounding of the result, except with a residual:
+// the binary overload takes it only in d's dtype (bias_in_d_dtype).
+at::Tensor onednn_pointwise(const at::Tensor& d, const at::Tensor& w, const at::Tensor& bias,
+                            const at::Tensor& bias_in_d_dtype, Act act, const at::Tensor& residual) {
   static const auto unary =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
@@ -1328,7 +1332,7 @@ at::Tensor onednn_pointwise(const at::Tensor& d, const at::Tensor& w, const at::
                             c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
   const std::vector<int64_t> zeros{0, 0}, ones{1, 1};
   if (residual.defined()) {
-    return binary.call(d, residual, w, bias.to(d.scalar_type()), zeros, ones, ones, 1, "add", std::nullopt,
+    return binary.call(d, residual, w, bias_in_d_dtype, zeros, ones, ones, 1, "add", std::nullopt,
                        std::nullopt, c10::List<std::optional<at::Scalar>>(), std::nullopt);
   }
   c10::List<std::optional<at::Scalar>> scalars;
@@ -1369,10 +1373,11 @@ void run_materialized(Operands& o) {
     // oneDNN applies the activation after its binary post-op: a residual added after a non-identity
     // activation is a pass of its own.
     const bool residual_after_act = o.residual.defined() && s.act_out != Act::kIdentity;
-    y = onednn_pointwise(d, o.pointwise, o.pw_bias, s.act_out, residual_after_act ? at::Tensor() : o.residual);
+    y = onednn_pointwise(d, o.pointwise, o.pw_bias, o.pw_bias_in_x_dtype, s.act_out,
+                         residual_after_act ? at::Tensor() : o.residual);
     if (residual_after_act) y.add_(o.residual);
   } else {
-    y = at::conv2d(d, o.pointwise, o.pw_bias.to(d.scalar_type()));
+    y = at::conv2d(d, o.pointwise, o.pw_bias_in_x_dtype);
     if (s.act_out == Act::kRelu) y.relu_();
     if (s.act_out == Act::kRelu6) y.clamp_(0, 6);
     if (s.act_out == Act::kHardswish) y = at::hardswish(y);
@@ -1423,6 +1428,7 @@ std::tuple<at::Tensor, at::Tensor> run_unit(const at::Tensor& x, const at::Tenso
   o.dw_bias = weights[2];
   o.pointwise = weights[3];
   o.pw_bias = weights[4];
+  o.pw_bias_in_x_dtype = weights[5];
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(o.taps.scalar_type() == acc_dtype && o.taps.numel() == s.k * s.k * s.C &&
                         o.dw_bias.numel() == s.C && o.taps.is_contiguous() && o.dw_bias.is_contiguous(),
@@ -1434,6 +1440,10 @@ std::tuple<at::Tensor, at::Tensor> run_unit(const at::Tensor& x, const at::Tenso
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sepconv_cpu", [&] {
     if (o.header[kLayout] == kMaterialized) {
+      TORCH_CHECK_VALUE(o.pw_bias.scalar_type() == acc_dtype && o.pw_bias.numel() == s.Cout &&
+                            o.pw_bias_in_x_dtype.scalar_type() == x.scalar_type() &&
+                            o.pw_bias_in_x_dtype.numel() == s.Cout,
+                        "sepconv: packed weights do not hold this unit's pointwise bias");
       run_materialized<scalar_t>(o);
       return;
     }
