@@ -773,6 +773,38 @@ def test_torch_compile_keeps_packed_weights_until_a_weight_changes(mobilenet, mo
     assert len(packs) == 2 * report.count
 
 
+def _count_reorders(monkeypatch):
+    """The input sizes of the folded convs' weights laid out in oneDNN's layout, one per reorder."""
+    reorders = []
+    reorder = FusedConv2dBN._onednn_weight
+
+    def counted(self, weight, input_size):
+        reorders.append(input_size)
+        return reorder(self, weight, input_size)
+
+    monkeypatch.setattr(FusedConv2dBN, "_onednn_weight", counted)
+    return reorders
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_torch_compile_keeps_folded_convs_until_a_weight_changes(mobilenet, monkeypatch):
+    """Compiled, a folded conv looks its fold and its weight in oneDNN's layout up in its module's
+    cache when the graph runs (xception_fast::conv_bn_with_cached_weights), as uncompiled: made
+    once per weight version, not traced into the graph to run on every call."""
+    fused, report = fuse(mobilenet)
+    reorders = _count_reorders(monkeypatch)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = randn(2, 3, 45, 39, seed=44).contiguous(memory_format=torch.channels_last)
+    check_exact(compiled, mobilenet, x, "compiled")
+    assert len(reorders) == len(report.folded), "each folded conv reorders its weight once, when the graph first runs"
+    assert torch.equal(logits(compiled, x), logits(fused, x)), "the same computation as the uncompiled fused model"
+    assert len(reorders) == len(report.folded), "and never again for the same weights"
+    changed = copy.deepcopy(mobilenet)
+    change_in_place_(fused, changed)
+    check_exact(compiled, changed, x, "compiled, after the change")
+    assert len(reorders) == 2 * len(report.folded)
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 @pytest.mark.parametrize("autocast, onednn_bf16", [(False, None), (True, None), (True, False)],
                          ids=["fp32", "bf16-autocast", "bf16-autocast-on-a-cpu-without-onednn-bf16"])
@@ -785,14 +817,7 @@ def test_folded_convs_keep_onednn_weights_until_a_weight_changes(mobilenet, monk
         monkeypatch.setattr(fusion, "_ONEDNN_BF16", onednn_bf16)
     in_onednn = not autocast or fusion._ONEDNN_BF16
     fused, report = fuse(mobilenet)
-    reorders = []
-    reorder = FusedConv2dBN._onednn_weight
-
-    def counted(self, weight, input_size):
-        reorders.append(input_size)
-        return reorder(self, weight, input_size)
-
-    monkeypatch.setattr(FusedConv2dBN, "_onednn_weight", counted)
+    reorders = _count_reorders(monkeypatch)
     x = randn(1, 3, 45, 39, seed=43).contiguous(memory_format=torch.channels_last)
     ref = reference(mobilenet, x)
 
@@ -840,6 +865,21 @@ def test_opcheck_of_the_op_torch_compile_calls(mobilenet):
                                "relu6", "identity", owner))
     torch.library.opcheck(op, (x, dw, torch.randn(c, generator=g), [], pw, torch.randn(cout, generator=g), [],
                                [0.0, 0.0], None, 2, 1, 1, "identity", "identity", "relu", owner))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_of_the_folded_conv_op_torch_compile_calls(mobilenet, dtype):
+    fused, _ = fuse(mobilenet)
+    conv = next(m for m in fused.modules() if isinstance(m, FusedConv2dBN) and m.stride == (2, 2))
+    g = torch.Generator().manual_seed(45)
+    cout, cin, k, _ = conv.weight.shape
+    bn = [torch.randn(cout, generator=g), torch.randn(cout, generator=g), torch.randn(cout, generator=g),
+          torch.rand(cout, generator=g) + 0.5, torch.tensor(3)]
+    x = torch.randn(2, cin, 11, 10, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    op = torch.ops.xception_fast.conv_bn_with_cached_weights.default
+    for bias, act in ((None, "relu6"), (torch.randn(cout, generator=g), "identity")):
+        torch.library.opcheck(op, (x, torch.randn(cout, cin, k, k, generator=g), bias, bn, 1e-3, list(conv.stride),
+                                   list(conv.padding), list(conv.dilation), conv.groups, act, conv._owner_slot))
 
 
 @pytest.mark.gpu

@@ -215,14 +215,14 @@ def _unit_weights(owner, dtype, backend, output_size, dw_weight, dw_bias, dw_bn,
     return owner._cached(sources, versions + settings, lambda: make(pack=True))
 
 
-# The fused units' convs by a number, which a traced op can carry (an op takes no module).
-_UNIT_OWNERS = weakref.WeakValueDictionary()
+# The fused convs by a number, which a traced op can carry (an op takes no module).
+_OWNERS = weakref.WeakValueDictionary()
 _NEXT_OWNER = itertools.count()
 
 
 def _register_owner(conv):
     conv._owner_slot = next(_NEXT_OWNER)
-    _UNIT_OWNERS[conv._owner_slot] = conv
+    _OWNERS[conv._owner_slot] = conv
 
 
 @torch.library.custom_op("xception_fast::unit_with_cached_weights", mutates_args=(), device_types="cpu")
@@ -239,7 +239,7 @@ def _unit_with_cached_weights(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias:
     # times the lookup on every call.
     k = dw_weight.shape[-1]
     shape = (x.shape[0], pw_weight.shape[0]) + tuple(conv_extent(n, k, stride, padding, dilation) for n in x.shape[2:])
-    dw_w, dw_b, pw_w, pw_b, packed = _unit_weights(_UNIT_OWNERS.get(owner), x.dtype, "cpu", shape, dw_weight,
+    dw_w, dw_b, pw_w, pw_b, packed = _unit_weights(_OWNERS.get(owner), x.dtype, "cpu", shape, dw_weight,
                                                    dw_bias, dw_bn, pw_weight, pw_bias, pw_bn, eps)
     return torch.ops.xception_fast.sepconv(x, dw_w, dw_b, pw_w, pw_b, residual, stride, padding, dilation, act_in,
                                            act_mid, act_out, packed)
@@ -250,6 +250,33 @@ def _unit_with_cached_weights_fake(x, dw_weight, dw_bias, dw_bn, pw_weight, pw_b
                                    padding, dilation, act_in, act_mid, act_out, owner):
     return empty_output(x, check_args(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, dilation,
                                       act_in, act_mid, act_out))
+
+
+# The op's activations as modules: the conv's activation where it runs after the convolution.
+_ACTIVATION_MODULES = {"identity": None, "relu": nn.ReLU(), "relu6": nn.ReLU6(), "hardswish": nn.Hardswish()}
+
+
+@torch.library.custom_op("xception_fast::conv_bn_with_cached_weights", mutates_args=(), device_types="cpu")
+def _conv_bn_with_cached_weights(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                 bn: List[Optional[torch.Tensor]], eps: float, stride: List[int], padding: List[int],
+                                 dilation: List[int], groups: int, act: str, owner: int) -> torch.Tensor:
+    """A conv with its BatchNorm folded (a FusedConv2dBN, ``owner``) on the CPU as torch.compile runs
+    it: the conv's weight and bias and the BatchNorm's tensors (_bn_sources) in, x in the dtype the
+    conv multiplies in; the fold, and the weight in oneDNN's layout, looked up in the owner's cache
+    when the graph runs, made again when a weight's version changed. stride, padding, dilation and
+    groups are the owner's, for the fake. Inference only: it has no autograd."""
+    conv = _OWNERS.get(owner)
+    if conv is None:
+        raise RuntimeError(f"conv_bn_with_cached_weights: owner {owner} names no fused conv (the module is gone)")
+    y = conv._folded(x, (weight, bias, *bn), eps, x.dtype, _ACTIVATION_MODULES[act])
+    return y.contiguous(memory_format=suggest_memory_format(x))  # the fake's format, whatever the conv gave
+
+
+@_conv_bn_with_cached_weights.register_fake
+def _conv_bn_with_cached_weights_fake(x, weight, bias, bn, eps, stride, padding, dilation, groups, act, owner):
+    shape = [x.shape[0], weight.shape[0]] + [conv_extent(n, k, s, p, d) for n, k, s, p, d in
+                                             zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    return empty_output(x, shape)
 
 
 def _compute_dtype(x):
@@ -294,6 +321,7 @@ class _FusedConv:
         self._conv_class = conv_class
         self.backend = backend
         self._fused_cache = None
+        _register_owner(self)
 
     def conv_alone(self, x):
         """The conv as it was before fuse()."""
@@ -389,6 +417,10 @@ class _FusedConv:
         state["_fused_cache"] = None
         return state
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _register_owner(self)  # a copy or an unpickled module has a cache of its own
+
 
 class FusedConv2dBN(_FusedConv, nn.Conv2d):
     """A convolution whose BatchNorm (the next module in its block) is folded into its weights in eval.
@@ -420,7 +452,28 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
             self._forget()  # bn may update its running statistics
             y = bn(self.conv_alone(x))
             return y if act is None else act(y)
+        if bn_act:
+            # timm's BatchNormAct2d: its activation is the one after the BatchNorm (its drop is an
+            # identity here, checked above).
+            act = None if type(bn.act) is nn.Identity else bn.act
         dtype = _compute_dtype(x)
+        if (torch.compiler.is_compiling() and x.device.type == "cpu" and self._conv_class is nn.Conv2d
+                and not isinstance(self.padding, str) and x.is_contiguous(memory_format=torch.channels_last)
+                and not _needs_grad((x,) + sources)):
+            # Traced, the fold would run in the graph on every call, and oneDNN would lay the folded
+            # weight out inside every convolution: this op looks the fold up in this module's cache
+            # when the graph runs, as the units' op does. x is cast here as the conv would cast it.
+            name = "identity" if act is None else _act_name(act)
+            y = torch.ops.xception_fast.conv_bn_with_cached_weights(
+                x.to(dtype), sources[0], sources[1], list(sources[2:]), bn.eps, list(self.stride),
+                list(self.padding), list(self.dilation), self.groups, name or "identity", self._owner_slot)
+            return y if name else act(y)
+        return self._folded(x, sources, bn.eps, dtype, act)
+
+    def _folded(self, x, sources, eps, dtype, act):
+        """act(bn(conv(x))) with the BatchNorm folded in float32, for x in dtype, the fold (and the
+        weight in oneDNN's layout) cached per weight version where it may be. ``sources``: the
+        conv's weight and bias, then the BatchNorm's _bn_sources; ``act``: a module or None."""
         versions = _versions(sources)
         # Kept with the fold, the weight in oneDNN's layout for this input size (a reorder has no
         # gradient, and traced it would run on every call: only for a cached fold). oneDNN lays out
@@ -430,21 +483,16 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
         precision = _fp32_precision() if input_size is not None and dtype == torch.float32 else None
 
         def make():
-            # The tensors the key was made of (sources: weight, bias, then bn's _bn_sources).
-            weight, bias = fold_bn(sources[0], *sources[2:6], bn.eps, sources[1])
+            weight, bias = fold_bn(sources[0], *sources[2:6], eps, sources[1])
             weight = weight.to(dtype if dtype in _HALF else x.dtype)
             bias = bias if dtype in _HALF else bias.to(x.dtype)
             return weight, bias, None if input_size is None else self._onednn_weight(weight, input_size)
 
         if versions is not None:
             weight, bias, onednn_weight = self._cached(
-                sources, versions + (bn.eps, dtype, torch.is_inference_mode_enabled(), input_size, precision), make)
+                sources, versions + (eps, dtype, torch.is_inference_mode_enabled(), input_size, precision), make)
         else:
             weight, bias, onednn_weight = make()
-        if bn_act:
-            # timm's BatchNormAct2d: its activation is the one after the BatchNorm (its drop is an
-            # identity here, checked above).
-            act = None if type(bn.act) is nn.Identity else bn.act
         if dtype in _HALF:
             # Under autocast x may come in float32; the conv would cast it as eager's does.
             y, act = self._conv_with_float32_bias(x.to(dtype), weight, bias, act, onednn_weight)
@@ -497,7 +545,6 @@ class FusedSeparableConv2d(_FusedConv, nn.Conv2d):
     def _adopt_unit(self, conv_class, backend, padding, recompute_depthwise):
         self._adopt(conv_class, backend)
         self.recompute_depthwise = recompute_depthwise
-        _register_owner(self)
         # None: timm's TensorFlow "same" padding, made by padding x before the op.
         self._op_padding = padding
 
@@ -625,10 +672,6 @@ class FusedSeparableConv2d(_FusedConv, nn.Conv2d):
         # the residual itself.
         return ops.run_backend(backend, (x, dw_weight, dw_bias, pw_weight, pw_bias, residual, *options, packed),
                                self.recompute_depthwise)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        _register_owner(self)  # a copy or an unpickled module has a cache of its own
 
     def extra_repr(self):
         return super().extra_repr() + (f", heads a fused separable unit (backend={self.backend!r}, "
