@@ -879,7 +879,7 @@ def test_opcheck_of_the_folded_conv_op_torch_compile_calls(mobilenet, dtype):
     op = torch.ops.xception_fast.conv_bn_with_cached_weights.default
     for bias, act in ((None, "relu6"), (torch.randn(cout, generator=g), "identity")):
         torch.library.opcheck(op, (x, torch.randn(cout, cin, k, k, generator=g), bias, bn, 1e-3, list(conv.stride),
-                                   list(conv.padding), list(conv.dilation), conv.groups, act, conv._owner_slot))
+                                   list(conv.padding), list(conv.dilation), act, conv._owner_slot))
 
 
 @pytest.mark.gpu

@@ -259,12 +259,12 @@ _ACTIVATION_MODULES = {"identity": None, "relu": nn.ReLU(), "relu6": nn.ReLU6(),
 @torch.library.custom_op("xception_fast::conv_bn_with_cached_weights", mutates_args=(), device_types="cpu")
 def _conv_bn_with_cached_weights(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                  bn: List[Optional[torch.Tensor]], eps: float, stride: List[int], padding: List[int],
-                                 dilation: List[int], groups: int, act: str, owner: int) -> torch.Tensor:
+                                 dilation: List[int], act: str, owner: int) -> torch.Tensor:
     """A conv with its BatchNorm folded (a FusedConv2dBN, ``owner``) on the CPU as torch.compile runs
     it: the conv's weight and bias and the BatchNorm's tensors (_bn_sources) in, x in the dtype the
     conv multiplies in; the fold, and the weight in oneDNN's layout, looked up in the owner's cache
-    when the graph runs, made again when a weight's version changed. stride, padding, dilation and
-    groups are the owner's, for the fake. Inference only: it has no autograd."""
+    when the graph runs, made again when a weight's version changed. stride, padding and dilation
+    are the owner's, for the fake. Inference only: it has no autograd."""
     conv = _OWNERS.get(owner)
     if conv is None:
         raise RuntimeError(f"conv_bn_with_cached_weights: owner {owner} names no fused conv (the module is gone)")
@@ -273,7 +273,7 @@ def _conv_bn_with_cached_weights(x: torch.Tensor, weight: torch.Tensor, bias: Op
 
 
 @_conv_bn_with_cached_weights.register_fake
-def _conv_bn_with_cached_weights_fake(x, weight, bias, bn, eps, stride, padding, dilation, groups, act, owner):
+def _conv_bn_with_cached_weights_fake(x, weight, bias, bn, eps, stride, padding, dilation, act, owner):
     shape = [x.shape[0], weight.shape[0]] + [conv_extent(n, k, s, p, d) for n, k, s, p, d in
                                              zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
     return empty_output(x, shape)
@@ -466,7 +466,7 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
             name = "identity" if act is None else _act_name(act)
             y = torch.ops.xception_fast.conv_bn_with_cached_weights(
                 x.to(dtype), sources[0], sources[1], list(sources[2:]), bn.eps, list(self.stride),
-                list(self.padding), list(self.dilation), self.groups, name or "identity", self._owner_slot)
+                list(self.padding), list(self.dilation), name or "identity", self._owner_slot)
             return y if name else act(y)
         return self._folded(x, sources, bn.eps, dtype, act)
 
