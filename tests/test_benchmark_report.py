@@ -3,6 +3,7 @@ the summary and the README tables print are the ratios of those same rounds' med
 import dataclasses
 
 import pytest
+import torch
 
 from benchmarks import harness, readme_tables
 from benchmarks.report import Results
@@ -60,3 +61,18 @@ def test_readme_tables_use_the_paired_medians():
     assert readme_tables._over(rows, rows[3], "compile") == pytest.approx(0.9)
     del rows[2]["paired_medians_s"]["compile"]
     assert readme_tables._speedups(rows, "fused_cpu", shape="net 224²", dtype="fp32", batch=8) == "1.60 / 2.00"
+
+
+def test_cpu_peaks_take_the_faster_of_the_matmul_and_the_pointwise_conv(monkeypatch):
+    """The CPU's FLOP peak per dtype is the faster of its two measurements, whichever that is, so
+    that neither library's slower product sets the roofline."""
+    from benchmarks import peaks
+
+    rates = {("mm", "fp32"): 1.5e11, ("conv", "fp32"): 2.1e11, ("mm", "bf16"): 4.2e11, ("conv", "bf16"): 3.9e11}
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    monkeypatch.setattr(peaks, "_measure_matmul", lambda device, dtype, tf32=False: rates["mm", names[dtype]])
+    monkeypatch.setattr(peaks, "_measure_pointwise_conv", lambda device, dtype: rates["conv", names[dtype]])
+    monkeypatch.setattr(peaks, "_measure_copy", lambda device: 3e10)
+    measured = peaks.measure_peaks(torch.device("cpu"))
+    assert measured["flops"] == {"fp32": 2.1e11, "bf16": 4.2e11}
+    assert "1x1 convolution" in measured["source"]
