@@ -17,6 +17,7 @@ import math
 import os
 import statistics
 import time
+import types
 from dataclasses import dataclass
 
 import pytest
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import xception_fast
+from xception_fast.fusion import FusedSeparableConv2d
 from xception_fast.model import Xception
 
 DEVICE = torch.device(os.environ.get("XCEPTION_FAST_BENCH_DEVICE")
@@ -148,27 +150,34 @@ MODEL_PRECISIONS = {"fp32": None, "amp-bf16": torch.bfloat16}
 # Every contender, in the order the summary lists them. fused_*_compiled: torch.compile (default
 # mode) of the fused model, against compile of the eager one. fused_cpu_recompute: a training step
 # with fuse(recompute_depthwise=True), whose backward recomputes the depthwise results that
-# fused_cpu keeps.
-CONTENDERS = ("eager_nchw", "eager_cl", "compile", "compile_max_autotune", "fused_cpu", "fused_cpu_recompute",
-              "fused_cuda", "fused_triton", "fused_cpu_compiled", "fused_cuda_compiled")
+# fused_cpu keeps. product_only: not a way to run the unit but the ceiling of any fusion of it:
+# the unit's pointwise product alone, eager's own 1x1 convolution (BatchNorm folded into its
+# weights and bias) over a depthwise result computed beforehand, once; for a model, the fused
+# model with each unit replaced by that product. A fused unit still has its depthwise conv to do:
+# unless its own product runs faster than eager's convolution, its speedup over eager stays under
+# the product's, which is how the benchmark shows the targets no fusion on this CPU can reach.
+CONTENDERS = ("eager_nchw", "eager_cl", "compile", "compile_max_autotune", "product_only", "fused_cpu",
+              "fused_cpu_recompute", "fused_cuda", "fused_triton", "fused_cpu_compiled", "fused_cuda_compiled")
 COMPILERS = ("compile", "compile_max_autotune")
 _GPU_EAGER = ("eager_nchw", "eager_cl")
 _GPU_FUSED = ("fused_cuda", "fused_triton")
-_CPU_UNIT = ("eager_cl", "fused_cpu")
-_CPU_MODEL = ("eager_cl", "compile", "fused_cpu", "fused_cpu_compiled")
+_CPU_UNIT = ("eager_cl", "product_only", "fused_cpu")
+_CPU_MODEL = ("eager_cl", "compile", "fused_cpu")
 
 # Per device and profile: kind -> [(dtype or precision, batch, contenders, targets)] (targets: the
 # unit shapes (None: all of UNIT_SHAPES), or the model names ("selected": selected_models())). On a
 # CPU the per-layer matrix is the CPU issue's: every unit at batch 1, 8 and 32 in fp32 and bf16
-# against eager channels_last, and torch.compile at batch 8 fp32; the models at batch 8 and 1
-# (fp32, bf16 autocast); a training step of Xception at batch 4.
+# against eager channels_last and the product alone, and torch.compile at batch 8 fp32; the models
+# at batch 8 and 1 (fp32, bf16 autocast), with the products alone at batch 8; a training step of
+# Xception at batch 4.
 MATRIX = {
     ("cpu", "full"): {
-        "unit": [("fp32", 8, ("eager_cl", "compile", "fused_cpu"), None), ("bf16", 8, _CPU_UNIT, None),
-                 ("fp32", 1, _CPU_UNIT, None), ("bf16", 1, _CPU_UNIT, None),
+        "unit": [("fp32", 8, ("eager_cl", "compile", "product_only", "fused_cpu"), None),
+                 ("bf16", 8, _CPU_UNIT, None), ("fp32", 1, _CPU_UNIT, None), ("bf16", 1, _CPU_UNIT, None),
                  ("fp32", 32, _CPU_UNIT, None), ("bf16", 32, _CPU_UNIT, None)],
-        "infer": [("fp32", 8, _CPU_MODEL, "selected"), ("amp-bf16", 8, _CPU_MODEL[:3], "selected"),
-                  ("fp32", 1, _CPU_MODEL[:3], "selected"), ("amp-bf16", 1, _CPU_MODEL[:3], "selected")],
+        "infer": [("fp32", 8, ("eager_cl", "compile", "product_only", "fused_cpu", "fused_cpu_compiled"), "selected"),
+                  ("amp-bf16", 8, ("eager_cl", "compile", "product_only", "fused_cpu"), "selected"),
+                  ("fp32", 1, _CPU_MODEL, "selected"), ("amp-bf16", 1, _CPU_MODEL, "selected")],
         "train": [("fp32", 4, ("eager_cl", "fused_cpu", "fused_cpu_recompute"), ("Xception",))],
     },
     ("cpu", "quick"): {
@@ -311,6 +320,18 @@ class EagerUnit(nn.Module):
                                          packed=packed, backend=backend, **options)
         return call
 
+    def product_alone(self, x, dtype):
+        """The unit's pointwise product by itself (CONTENDERS, product_only): the depthwise result
+        of ``x`` computed here, once, then each call eager's 1x1 convolution over it, in ``dtype``,
+        with the BatchNorm after it folded into its weights and bias."""
+        bn = self.bn
+        weight, bias = xception_fast.fold_bn(self.pw.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                             bn.eps)
+        weight, bias = weight.to(dtype), bias.to(dtype)
+        with torch.no_grad():
+            depthwise = self.to(dtype).mid(self.dw(self.act_in(x))).contiguous(memory_format=torch.channels_last)
+        return lambda x, residual: F.conv2d(depthwise, weight, bias)
+
 
 def _memory_format(contender):
     return torch.contiguous_format if contender == "eager_nchw" else torch.channels_last
@@ -376,6 +397,8 @@ def build_unit(case, fresh=True):
         # Weights stay fp32 (the folded BatchNorms' precision); the kernels round them to the
         # product's dtype in the packing.
         call = unit.fused_call(fused_backend(case.contender), dtype, out_shape)
+    elif case.contender == "product_only":
+        call = unit.product_alone(x, dtype)
     else:
         call = unit.to(dtype).to(memory_format=fmt)
         if case.contender in COMPILERS:
@@ -404,6 +427,9 @@ def build_model(case, fresh=True):
         extra["fused_units"] = report.count
         if case.contender.endswith("_compiled"):
             model = _compile(model, "compile", x, fresh=fresh)
+    elif case.contender == "product_only":
+        model, report = xception_fast.fuse(model)
+        _products_only(model)
     elif case.contender in COMPILERS:
         model = _compile(model, case.contender, x, fresh=fresh)
     if not training:
@@ -412,6 +438,31 @@ def build_model(case, fresh=True):
     labels = torch.randint(0, 1000, (case.batch,), device=DEVICE)
     step = training_step(model, MODEL_PRECISIONS.get(case.dtype))
     return _timed_call(step, [(x, labels)]), extra
+
+
+def _products_only(fused_model):
+    """Turn each separable unit of a model fuse() made into its pointwise product alone
+    (CONTENDERS, product_only): eager's 1x1 convolution, the BatchNorm after it folded, over a
+    random tensor of the depthwise result's shape and the compute dtype, made on the unit's first
+    call. No depthwise conv, activation or residual add: the rest of the model runs as fused."""
+    def product_op(unit, x, dw_bn, pw, pw_bn, act_in, act_mid, act_out, residual, dtype):
+        key = (tuple(x.shape), dtype)
+        if key not in unit.product_inputs:
+            weight, bias = pw.weight, pw.bias
+            if pw_bn is not None:
+                weight, bias = xception_fast.fold_bn(weight, pw_bn.weight, pw_bn.bias, pw_bn.running_mean,
+                                                     pw_bn.running_var, pw_bn.eps, conv_bias=bias)
+            shape = unit._output_shape(x, pw)
+            shape[1] = unit.out_channels
+            depthwise = torch.randn(shape, device=x.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            unit.product_inputs[key] = (depthwise, weight.detach().to(dtype),
+                                        None if bias is None else bias.detach().to(dtype))
+        return F.conv2d(*unit.product_inputs[key])
+
+    for module in fused_model.modules():
+        if isinstance(module, FusedSeparableConv2d):
+            module.product_inputs = {}
+            module._op = types.MethodType(product_op, module)
 
 
 def training_step(model, amp_dtype=None):

@@ -6,7 +6,8 @@ prints the models table (one row per model found in the files, in harness.MODELS
 per-layer table (from the files that have units), as markdown. Every number is a ratio of medians
 from one run: "x eager" is a contender's median against the eager channels_last median timed in
 alternation with it, "x compile" torch.compile's median against the contender's: the one timed in
-alternation with it where the run did (else that of torch.compile's own test of the case).
+alternation with it where the run did (else that of torch.compile's own test of the case). Beside
+the fused op's speedups, the product alone's (harness.CONTENDERS, product_only): the ceiling.
 """
 import json
 import sys
@@ -42,6 +43,13 @@ def _over(rows, got, baseline):
     return paired and paired / got["median_s"]
 
 
+def _over_eager(rows, contender, **where):
+    """A contender's speedup over eager channels_last timed in alternation with it, as a README
+    cell; "—" where it was not measured."""
+    got = _median(rows, contender, **where)
+    return _ratio(got["paired_medians_s"]["eager_cl"] / got["median_s"]) if got else "—"
+
+
 def _speedups(rows, fused, **where):
     """"x eager / x compile" of contender ``fused`` in the case ``where``, or "not measured"."""
     got = _median(rows, fused, **where)
@@ -55,8 +63,9 @@ def models_table(runs):
     rows = [r for run in runs for r in run["results"] if r["kind"] == "infer"]
     exactness = {e["model"]: e for run in runs for e in run["exactness"]}
     lines = ["| model | fused / depthwise | logit error ratio fp32 / bf16 / bf16 autocast | fp32 b1 | fp32 b8 "
-             "| bf16 autocast b1 | bf16 autocast b8 | compiled fused / compiled eager, fp32 b8 |",
-             "|---|---:|---|---|---|---|---|---:|"]
+             "| bf16 autocast b1 | bf16 autocast b8 | compiled fused / compiled eager, fp32 b8 "
+             "| products alone fp32 b8 / bf16 autocast b8 |",
+             "|---|---:|---|---|---|---|---|---:|---|"]
     for name, spec in MODELS.items():
         shape = f"{name} {spec.size}²"
         if name not in exactness and not any(r["shape"] == shape for r in rows):
@@ -69,7 +78,10 @@ def models_table(runs):
         both = _median(rows, "fused_cpu_compiled", shape=shape, dtype="fp32", batch=8)
         composed = both and _over(rows, both, "compile")
         composed = "not measured" if composed is None else _ratio(composed)
-        lines.append(f"| {_LABELS.get(name, name)} | {fused} | {errors} | " + " | ".join(cells) + f" | {composed} |")
+        ceilings = " / ".join(_over_eager(rows, "product_only", shape=shape, dtype=dtype, batch=8)
+                              for dtype in ("fp32", "amp-bf16"))
+        lines.append(f"| {_LABELS.get(name, name)} | {fused} | {errors} | " + " | ".join(cells)
+                     + f" | {composed} | {ceilings} |")
     return "\n".join(lines)
 
 
@@ -77,13 +89,13 @@ def units_table(runs):
     rows = [r for run in runs for r in run["results"] if r["kind"] == "unit"]
     if not rows:
         return ""
-    lines = ["| unit | " + " | ".join(f"{d} b{b}" for d, b in _UNIT_COLUMNS) + " | fp32 b8 × compile |",
+    lines = ["| unit, fused / product alone | " + " | ".join(f"{d} b{b}" for d, b in _UNIT_COLUMNS)
+             + " | fp32 b8 × compile |",
              "|---|" + "---:|" * (len(_UNIT_COLUMNS) + 1)]
     for shape in dict.fromkeys(r["shape"] for r in rows):
-        cells = []
-        for dtype, batch in _UNIT_COLUMNS:
-            got = _median(rows, "fused_cpu", shape=shape, dtype=dtype, batch=batch)
-            cells.append(_ratio(got["paired_medians_s"]["eager_cl"] / got["median_s"]) if got else "—")
+        cells = [" / ".join(_over_eager(rows, contender, shape=shape, dtype=dtype, batch=batch)
+                            for contender in ("fused_cpu", "product_only"))
+                 for dtype, batch in _UNIT_COLUMNS]
         got = _median(rows, "fused_cpu", shape=shape, dtype="fp32", batch=8)
         over = got and _over(rows, got, "compile")
         cells.append("—" if over is None else _ratio(over))

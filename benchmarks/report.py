@@ -195,7 +195,10 @@ class Results:
             "FLOP and minimum bytes over the time (a unit: the fused unit's; a model: summed over its layers; a "
             "training step: FLOP only). roofline: the floor (per layer the slower of FLOP at peak and minimum bytes "
             "at peak bandwidth) over the time. **slower**: a fused contender slower than eager channels_last or "
-            "than torch.compile.",
+            "than torch.compile. product_only: the ceiling, not a contender: a unit's pointwise product alone, "
+            "eager's 1x1 convolution with the BatchNorm folded, over a depthwise result computed beforehand (for a "
+            "model: the fused model with each unit replaced by it). A fused unit still has its depthwise conv to do: "
+            "unless its own product runs faster than eager's convolution, its × eager CL stays under the product's.",
         ]
         speedups = self.speedups()
         panel = None
@@ -246,6 +249,8 @@ class Results:
         medians measured more than once in a case agree."""
         where = "this CPU" if self.env.get("slug", "").startswith("cpu-") else "this GPU"
         lines = ["", "## Verdicts", ""]
+        ceilings = {r["group"]: s["eager_cl"] for r, s in zip(self.rows, speedups)
+                    if r["contender"] == "product_only" and "eager_cl" in s}
         panels = {}
         for r, s in zip(self.rows, speedups):
             if not r["contender"].startswith("fused_") or "eager_cl" not in s:
@@ -259,15 +264,23 @@ class Results:
             if "compile" in s:
                 text += (f"; {'faster' if s['compile'] >= 1.0 else '**slower**'} than torch.compile: "
                          f"{s['compile']:.2f}×")
+            if r["group"] in ceilings and r["contender"] == "fused_cpu":
+                text += (f"; its units' products alone (the ceiling at eager's convolution speed): "
+                         f"{ceilings[r['group']]:.2f}×")
             lines.append(text)
         for panel, entries in panels.items():
             for contender in dict.fromkeys(r["contender"] for r, _ in entries):
                 mine = [(r, s) for r, s in entries if r["contender"] == contender]
                 losers = [f"{r['row']} ({s['eager_cl']:.2f}×)" for r, s in mine if s["eager_cl"] < 1.0]
                 lowest = min(s["eager_cl"] for _, s in mine)
-                lines.append(f"- {panel}, {contender}: at least as fast as eager channels_last on "
-                             f"{len(mine) - len(losers)} of {len(mine)} units (lowest {lowest:.2f}×)"
-                             + (f"; **slower** on {', '.join(losers)}" if losers else ""))
+                text = (f"- {panel}, {contender}: at least as fast as eager channels_last on "
+                        f"{len(mine) - len(losers)} of {len(mine)} units (lowest {lowest:.2f}×)"
+                        + (f"; **slower** on {', '.join(losers)}" if losers else ""))
+                shares = [s["eager_cl"] / ceilings[r["group"]] for r, s in mine if r["group"] in ceilings]
+                if shares:
+                    text += (f"; its speedup is {100 * min(shares):.0f}–{100 * max(shares):.0f} % of the product "
+                             f"alone's (the ceiling at eager's convolution speed) on {len(shares)} units")
+                lines.append(text)
         for baseline, name in (("eager_cl", "eager channels_last"), ("compile", "torch.compile")):
             spread = self._spread(baseline)
             if spread:

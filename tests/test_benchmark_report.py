@@ -5,8 +5,10 @@ import dataclasses
 import pytest
 import torch
 
+import xception_fast
 from benchmarks import harness, readme_tables
 from benchmarks.report import Results
+from xception_fast.fusion import FusedSeparableConv2d
 
 _ENV = {"device": "a CPU (2 threads)", "slug": "cpu-test-2t", "profile": "full", "torch": "t", "triton": None,
         "python": "3", "date": "today", "commit": "abc"}
@@ -36,6 +38,7 @@ def test_fused_contenders_are_paired_with_eager_and_compile_where_their_case_has
     # bf16 units have no torch.compile contender; compile itself and eager pair only with eager.
     assert paired(dataclasses.replace(fused, dtype="bf16")) == ["eager_cl"]
     assert paired(dataclasses.replace(fused, contender="compile")) == ["eager_cl"]
+    assert paired(dataclasses.replace(fused, contender="product_only")) == ["eager_cl"]
     assert paired(dataclasses.replace(fused, contender="eager_cl")) == []
     model = harness.Case("infer", "fp32", 8, "fused_cpu_compiled", model="Xception")
     assert paired(model) == ["eager_cl", "compile"]
@@ -76,3 +79,64 @@ def test_cpu_peaks_take_the_faster_of_the_matmul_and_the_pointwise_conv(monkeypa
     measured = peaks.measure_peaks(torch.device("cpu"))
     assert measured["flops"] == {"fp32": 2.1e11, "bf16": 4.2e11}
     assert "1x1 convolution" in measured["source"]
+
+
+def test_verdicts_set_each_fused_speedup_against_the_product_alone(tmp_path):
+    results = Results(_ENV, _PEAKS, str(tmp_path))
+    unit = dict(kind="unit", shape="u", row="u", panel="Per layer, fp32, batch 8")
+    results.rows = [_row("eager_cl", 1.0), _row("product_only", 0.8, {"eager_cl": 1.0}),
+                    _row("fused_cpu", 0.9, {"eager_cl": 1.08}),
+                    {**_row("eager_cl", 2.0), **unit, "group": "unit u fp32 b8"},
+                    {**_row("product_only", 1.0, {"eager_cl": 2.0}), **unit, "group": "unit u fp32 b8"},
+                    {**_row("fused_cpu", 1.25, {"eager_cl": 2.0}), **unit, "group": "unit u fp32 b8"}]
+    verdicts = "\n".join(results._verdicts(results.speedups()))
+    assert ("fused_cpu is faster than eager on this CPU: 1.20×; its units' products alone (the ceiling at eager's "
+            "convolution speed): 1.25×") in verdicts
+    assert "its speedup is 80–80 % of the product alone's" in verdicts
+    # The ceiling is not a contender: it gets no verdict of its own.
+    assert "product_only is" not in verdicts and "batch 8, product_only" not in verdicts
+
+
+def _small_unit(**fields):
+    return harness.UnitShape(**{"family": "Xception", "channels": 8, "out_channels": 12, "size": 9, **fields})
+
+
+@pytest.mark.parametrize("shape", [_small_unit(), _small_unit(family="MobileNetV2", k=5, stride=2)],
+                         ids=["xception", "inverted-k5-s2"])
+def test_the_product_alone_is_the_units_own_product(shape):
+    """product_only's unit multiplies the unit's own depthwise result by its own folded pointwise
+    weights: its output is the eager unit's."""
+    torch.manual_seed(0)
+    unit = harness.EagerUnit(shape)
+    x = torch.randn(2, shape.channels, shape.size, shape.size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = unit(x)
+        got = unit.product_alone(x, torch.float32)(x, None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_products_only_model_runs_every_unit_as_its_product():
+    """product_only's model: each fused unit's call goes to its pointwise conv over a tensor of the
+    depthwise result's shape, and the model's output keeps its shape."""
+    from xception_fast.model import Xception
+
+    torch.manual_seed(0)
+    model = Xception(num_classes=10).eval()
+    x = torch.randn(1, 3, 71, 71).contiguous(memory_format=torch.channels_last)
+    fused, report = xception_fast.fuse(model)
+    harness._products_only(fused)
+    with torch.no_grad():
+        out = fused(x)
+    units = [m for m in fused.modules() if isinstance(m, FusedSeparableConv2d)]
+    assert out.shape == (1, 10) and len(units) == report.count == 34
+    for unit in units:
+        (depthwise, weight, _), = unit.product_inputs.values()
+        assert depthwise.shape[1] == unit.out_channels == weight.shape[1]
+
+
+def test_readme_unit_table_sets_the_fused_op_beside_the_product_alone():
+    unit = dict(kind="unit", shape="u", dtype="bf16", batch=8)
+    rows = [{**_row("fused_cpu", 0.5, {"eager_cl": 0.8}), **unit},
+            {**_row("product_only", 0.4, {"eager_cl": 0.8}), **unit}]
+    table = readme_tables.units_table([{"results": rows}])
+    assert "| u | — / — | — / — | — / — | — / — | 1.60 / 2.00 | — / — | — |" in table
