@@ -140,3 +140,13 @@ def test_readme_unit_table_sets_the_fused_op_beside_the_product_alone():
             {**_row("product_only", 0.4, {"eager_cl": 0.8}), **unit}]
     table = readme_tables.units_table([{"results": rows}])
     assert "| u | — / — | — / — | — / — | — / — | 1.60 / 2.00 | — / — | — |" in table
+
+
+def test_verdicts_give_the_spread_of_eager_medians_with_and_without_its_own_test(tmp_path):
+    results = Results(_ENV, _PEAKS, str(tmp_path))
+    results.rows = [_row("eager_cl", 1.0), _row("compile", 0.9, {"eager_cl": 0.8}),
+                    _row("fused_cpu", 0.5, {"eager_cl": 0.84, "compile": 0.9})]
+    verdicts = "\n".join(results._verdicts(results.speedups()))
+    assert ("eager channels_last, measured in its own test and with each contender it is paired with: its medians "
+            "within one model case differ by at most 25.0 % (infer net 224² fp32 b8); those timed beside the "
+            "contenders alone (the ones the ratios use) by at most 5.0 %") in verdicts
