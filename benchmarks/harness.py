@@ -428,7 +428,7 @@ def build_model(case, fresh=True):
         if case.contender.endswith("_compiled"):
             model = _compile(model, "compile", x, fresh=fresh)
     elif case.contender == "product_only":
-        model, report = xception_fast.fuse(model)
+        model, _ = xception_fast.fuse(model)
         _products_only(model)
     elif case.contender in COMPILERS:
         model = _compile(model, case.contender, x, fresh=fresh)
