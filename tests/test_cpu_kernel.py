@@ -311,6 +311,24 @@ def set_threads(n):
         torch.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("n, c, cout, size", [(1, 40, 600, 5), (3, 300, 200, 11), (2, 64, 96, 23)])
+def test_the_tiled_result_does_not_depend_on_the_thread_count(n, c, cout, size):
+    """The tiles of pixels, and the groups of output channels that share a tile, follow the thread
+    count; each output's sums in the tiled product do not: the same bits with 1, 2, 3 and 8 threads.
+    (The materialized product is a oneDNN convolution, whose sums, as eager's, follow its blocking
+    for the thread count.)"""
+    tensors, unit = make_inputs(n, c, cout, size, size, layout="channels_last", dw_bias=True,
+                                unit=Unit(act_in="relu", act_out="relu6"))
+    packed = pack(tensors, torch.float32, "tiled")
+    results = {}
+    for threads in (1, 2, 3, 8):
+        with set_threads(threads):
+            results[threads] = run(tensors, unit, packed)
+    assert_exact(results[1], eager(tensors, unit), reference64(tensors, unit), "tiled")
+    for threads, got in results.items():
+        assert torch.equal(got, results[1]), f"{threads} threads differ from one"
+
+
 @pytest.mark.parametrize("act_in", ["relu", "relu6", "hardswish"])
 def test_depthwise_backward_at_the_activations_kinks(act_in):
     """x exactly at each kink (0, 6, -3, 3): the derivative eager's backward kernels take there."""

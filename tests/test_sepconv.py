@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import xception_fast
 from xception_fast.contract import ACTIVATIONS, check_args
-from backends import ALL, CPU, KERNELS, TRITON
+from backends import ALL, CPU, CUDA, KERNELS, TRITON
 from exactness import Unit, assert_exact, eager, make_inputs, op_args, reference64
 
 
@@ -295,6 +295,29 @@ def test_autocast_casts_x_and_residual_as_conv2d_does(backend):
     half = dict(tensors, x=tensors["x"].bfloat16(), residual=tensors["residual"].bfloat16())
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, run(backend, half, unit))
+
+
+def _dispatches_of_the_op(prof):
+    return sum(e.count for e in prof.key_averages() if e.key == "xception_fast::sepconv")
+
+
+@pytest.mark.parametrize("backend", [CPU, pytest.param(CUDA, marks=pytest.mark.gpu)], ids=str)
+@pytest.mark.parametrize("amp", [False, True], ids=["no-autocast", "autocast"])
+def test_without_a_gradient_the_python_layers_are_skipped(backend, amp):
+    """Where no gradient is made, the API runs the C++ op's kernel below the op's Python autograd
+    and autocast kernels, with autocast's cast made as its kernel makes it: the same result as the
+    op called through those layers, and one dispatch of the op where through autocast's kernel it
+    takes two (the autocast kernel calls the op again)."""
+    tensors, unit = make_inputs(2, 24, 16, 6, 7, device=backend.device, dw_bias=True, residual=True)
+    with torch.autocast(torch.device(backend.device).type, dtype=torch.bfloat16, enabled=amp):
+        with torch.profiler.profile() as direct:
+            got = run(backend, tensors, unit)
+        with torch.profiler.profile() as layered:
+            through_layers = backend.op()(*op_args(tensors, unit))
+    assert got.dtype == (torch.bfloat16 if amp else torch.float32)
+    assert torch.equal(got, through_layers)
+    assert _dispatches_of_the_op(direct) == 1
+    assert _dispatches_of_the_op(layered) == (2 if amp else 1)
 
 
 @pytest.mark.parametrize("op_name", ["sepconv", "sepconv_keeping_depthwise"])

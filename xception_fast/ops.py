@@ -20,7 +20,7 @@ from torch._prims_common import suggest_memory_format
 from . import _extension
 from .contract import (BACKENDS, MAX_POOL_ADD_SCHEMA, SCHEMA, SCHEMA_KEEPING_DEPTHWISE, check_args,
                        check_max_pool_add_args, empty_depthwise, empty_output, fold_bn, sepconv_reference)
-from .registration import register_autocast, register_autograd
+from .registration import call_below_autograd_and_autocast, register_autocast, register_autograd
 
 __all__ = ["sepconv", "sepconv_bn", "pack_weights", "max_pool_add", "sepconv_reference", "fold_bn", "BACKENDS"]
 
@@ -144,11 +144,14 @@ def backend_op(backend):
 def run_backend(backend, args, recompute_depthwise=False):
     """The unit on a concrete backend (not "reference") with the schema's arguments ``args``: on a
     CPU, where a gradient is needed and ``recompute_depthwise`` is not set, through the op that
-    keeps its depthwise result for the backward."""
-    if backend == "cpu" and not recompute_depthwise and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in args[:6]):
+    keeps its depthwise result for the backward; where none is, the C++ op's kernel without the
+    Python layers around it (registration.call_below_autograd_and_autocast)."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
+    if backend == "cpu" and not recompute_depthwise and needs_grad:
         return torch.ops.xception_fast.sepconv_keeping_depthwise(*args)[0]
-    return backend_op(backend)(*args)
+    if backend == "triton" or needs_grad or torch.compiler.is_compiling():
+        return backend_op(backend)(*args)
+    return call_below_autograd_and_autocast(torch.ops.xception_fast.sepconv, args)
 
 
 def _check_types(**tensors):

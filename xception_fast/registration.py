@@ -128,18 +128,40 @@ def register_autocast(library, op_name, op):
         library.impl(op_name, _autocast_kernel(op, device_type, key), key)
 
 
+def _autocast_cast(t, device_type, dtype):
+    """``t`` (x or the residual) as the unit's autocast kernel passes it on."""
+    eligible = t is not None and t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64
+    return t.to(dtype) if eligible else t
+
+
 def _autocast_kernel(op, device_type, key):
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
     def kernel(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, *options):
         dtype = torch.get_autocast_dtype(device_type)
-
-        def cast(t):
-            eligible = (t is not None and t.is_floating_point() and t.device.type == device_type
-                        and t.dtype != torch.float64)
-            return t.to(dtype) if eligible else t
-
         with torch._C._ExcludeDispatchKeyGuard(excluded):
-            return op(cast(x), dw_weight, dw_bias, pw_weight, pw_bias, cast(residual), *options)
+            return op(_autocast_cast(x, device_type, dtype), dw_weight, dw_bias, pw_weight, pw_bias,
+                      _autocast_cast(residual, device_type, dtype), *options)
 
     return kernel
+
+
+_AUTOCAST_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU) | torch._C.DispatchKeySet(
+    torch._C.DispatchKey.AutocastCUDA)
+
+
+def call_below_autograd_and_autocast(op, args):
+    """``op(*args)`` (the unit's schema) where no gradient is to be made, straight to its device
+    kernel: autocast's cast made here as its kernel makes it, then the dispatcher told to skip the
+    autograd and autocast kernels registered above. Both are Python (torch.library), and a call
+    through them costs more than a small unit's own kernel; with no gradient to make and x already
+    cast, neither has anything left to do. Not while torch.compile traces (the guards are not
+    traceable)."""
+    x, residual = args[0], args[5]
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        args = (_autocast_cast(x, device_type, dtype), *args[1:5], _autocast_cast(residual, device_type, dtype),
+                *args[6:])
+    with torch._C._AutoDispatchBelowADInplaceOrView(), torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+        return op(*args)
