@@ -57,6 +57,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import ops
 from .contract import BACKENDS, KERNEL_SIZES, STRIDES, check_args, empty_output, fold_bn
 from .contract import output_size as conv_extent
+from .registration import call_below_autograd_and_autocast
 
 __all__ = ["FusedSeparableConv2d", "FusedConv2dBN", "FusedMaxPool2d", "FusedBlock", "FuseReport", "UnitReport",
            "fuse"]
@@ -241,8 +242,9 @@ def _unit_with_cached_weights(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias:
     shape = (x.shape[0], pw_weight.shape[0]) + tuple(conv_extent(n, k, stride, padding, dilation) for n in x.shape[2:])
     dw_w, dw_b, pw_w, pw_b, packed = _unit_weights(_OWNERS.get(owner), x.dtype, "cpu", shape, dw_weight,
                                                    dw_bias, dw_bn, pw_weight, pw_bias, pw_bn, eps)
-    return torch.ops.xception_fast.sepconv(x, dw_w, dw_b, pw_w, pw_b, residual, stride, padding, dilation, act_in,
-                                           act_mid, act_out, packed)
+    # No gradient and x already cast: straight to the C++ kernel, as ops.run_backend calls it.
+    return call_below_autograd_and_autocast(torch.ops.xception_fast.sepconv, (
+        x, dw_w, dw_b, pw_w, pw_b, residual, stride, padding, dilation, act_in, act_mid, act_out, packed))
 
 
 @_unit_with_cached_weights.register_fake
