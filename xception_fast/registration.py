@@ -1,4 +1,5 @@
-"""What the C++ op and the Triton op of the fused unit both register: autograd and autocast.
+"""What the C++ op and the Triton op of the fused unit both register: autograd and autocast; and
+the call of the C++ op below both, where no gradient is made (call_below_autograd_and_autocast).
 
 Autograd: the forward saves its inputs, and the backward recomputes the depthwise result in eager
 steps instead of keeping it, which is where training through the fused op saves activation memory;
