@@ -151,7 +151,7 @@ def run_backend(backend, args, recompute_depthwise=False):
         return torch.ops.xception_fast.sepconv_keeping_depthwise(*args)[0]
     if backend == "triton" or needs_grad or torch.compiler.is_compiling():
         return backend_op(backend)(*args)
-    return call_below_autograd_and_autocast(torch.ops.xception_fast.sepconv, args)
+    return call_below_autograd_and_autocast(backend_op(backend), args)
 
 
 def _check_types(**tensors):
