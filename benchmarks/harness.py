@@ -89,6 +89,7 @@ UNIT_SHAPES = [
     UnitShape("EfficientNet-lite0", 480, 112, 14, k=5), UnitShape("EfficientNet-lite0", 672, 192, 14, k=5, stride=2),
     UnitShape("EfficientNet-lite0", 1152, 192, 7, k=5, residual=True),
 ]
+UNIT_BY_LABEL = {s.label: s for s in UNIT_SHAPES}
 
 
 def _timm(name, **kwargs):
@@ -209,6 +210,52 @@ MATRIX = {
                   ("amp-bf16", 128, ("compile_max_autotune",), ("Xception",))],
         "train": [],
     },
+}
+
+
+# The CPU issue's targets (#11), which the summary checks one by one (report.Results._targets):
+# on a CPU, 2 threads, channels_last, eval, the fused op over eager channels_last (or
+# torch.compile) timed in alternation. A target missed is not lowered: the summary works out
+# whether the product alone leaves the fused op room to meet it.
+@dataclass(frozen=True)
+class Target:
+    kind: str          # as Case.kind
+    dtypes: tuple      # Case.dtype values
+    batches: tuple
+    over: str          # the baseline: "eager_cl" or "compile"
+    at_least: float    # the speedup over it
+    sizes: tuple = None  # units: the input sizes (UnitShape.size) it covers; None: every unit
+    model: str = None    # models: the one it covers
+
+    @property
+    def label(self):
+        over = "eager channels_last" if self.over == "eager_cl" else "torch.compile"
+        what = (f"the {' and '.join(f'{s}²' for s in self.sizes)} units" if self.kind == "unit" and self.sizes
+                else "every unit" if self.kind == "unit"
+                else f"{self.model}, {'training step' if self.kind == 'train' else 'inference'}")
+        return (f"{what}, {' and '.join(self.dtypes)}, batch {', '.join(map(str, self.batches))}: "
+                f"≥ {self.at_least:g}× {over}")
+
+    def covers(self, row):
+        if row["kind"] != self.kind or row["dtype"] not in self.dtypes or row["batch"] not in self.batches:
+            return False
+        if self.kind == "unit":
+            shape = UNIT_BY_LABEL.get(row["shape"])
+            return self.sizes is None or (shape is not None and shape.size in self.sizes)
+        return row["shape"] == f"{self.model} {MODELS[self.model].size}²"
+
+
+TARGETS = {
+    "cpu": (
+        Target("unit", ("fp32", "bf16"), (1, 8, 32), "eager_cl", 1.0),
+        Target("unit", ("fp32", "bf16"), (1, 8, 32), "eager_cl", 1.3, sizes=(147, 74)),
+        Target("infer", ("fp32",), (8,), "eager_cl", 1.15, model="Xception"),
+        Target("infer", ("fp32",), (8,), "compile", 1.0, model="Xception"),
+        Target("infer", ("amp-bf16",), (8,), "eager_cl", 1.3, model="Xception"),
+        Target("infer", ("fp32",), (1,), "eager_cl", 1.1, model="Xception"),
+        Target("train", ("fp32",), (4,), "eager_cl", 1.0, model="Xception"),
+    ),
+    "cuda": (),
 }
 
 

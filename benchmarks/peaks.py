@@ -112,13 +112,19 @@ def device_peaks(device, device_name):
 # ----------------------------------------------------------------------------------------------
 # Roofline arithmetic
 
+def unit_flop(pixels, channels, out_channels, k=3):
+    """FLOP of one separable unit over ``pixels`` = N·Ho·Wo output pixels, as (depthwise k x k: k²
+    multiply-adds per output element, pointwise GEMM)."""
+    return 2 * pixels * k * k * channels, 2 * pixels * channels * out_channels
+
+
 def unit_cost(pixels, channels, out_channels, elt, residual=False, k=3, input_pixels=None):
     """FLOP and minimum bytes of one fused separable unit over ``pixels`` = N·Ho·Wo output pixels
-    (``input_pixels`` = N·H·W, the same without a stride): the depthwise k x k (k² multiply-adds
-    per output element) and the pointwise GEMM; the input read once, the output written once (and
-    the residual read once), the weights and biases read once."""
+    (``input_pixels`` = N·H·W, the same without a stride): the depthwise k x k and the pointwise
+    GEMM (unit_flop); the input read once, the output written once (and the residual read once),
+    the weights and biases read once."""
     input_pixels = pixels if input_pixels is None else input_pixels
-    flop = 2 * pixels * (k * k * channels + channels * out_channels)
+    flop = sum(unit_flop(pixels, channels, out_channels, k))
     elements = (input_pixels * channels + pixels * out_channels + k * k * channels + channels * out_channels
                 + channels + out_channels)
     if residual:

@@ -13,8 +13,8 @@ import subprocess
 
 import torch
 
-from .harness import COMPILERS, CONTENDERS
-from .peaks import roofline
+from .harness import COMPILERS, CONTENDERS, TARGETS, UNIT_BY_LABEL
+from .peaks import roofline, unit_flop
 
 BASELINES = ("eager_cl", "eager_nchw")
 
@@ -217,6 +217,7 @@ class Results:
                      f"{100 * r['roofline_fraction']:.1f} %", _slower(r, s)]
             lines.append("| " + " | ".join(cells) + " |")
         lines += self._verdicts(speedups)
+        lines += self._targets(speedups)
         if self.exactness:
             lines += ["", "## What fuse() does to each model", "",
                       "Depthwise convs fused (of all the model's), residual adds taken into the kernel, other convs "
@@ -249,8 +250,7 @@ class Results:
         medians measured more than once in a case agree."""
         where = "this CPU" if self.env.get("slug", "").startswith("cpu-") else "this GPU"
         lines = ["", "## Verdicts", ""]
-        ceilings = {r["group"]: s["eager_cl"] for r, s in zip(self.rows, speedups)
-                    if r["contender"] == "product_only" and "eager_cl" in s}
+        ceilings = self._ceilings(speedups)
         panels = {}
         for r, s in zip(self.rows, speedups):
             if not r["contender"].startswith("fused_") or "eager_cl" not in s:
@@ -293,6 +293,84 @@ class Results:
                              f"{100 * worst:.1f} % ({worst_group})")
                 lines.append(text)
         return lines
+
+    def _ceilings(self, speedups):
+        """Per case, the product alone's speedup over eager channels_last: the ceiling of any fusion
+        that multiplies at eager's convolution speed."""
+        return {r["group"]: s["eager_cl"] for r, s in zip(self.rows, speedups)
+                if r["contender"] == "product_only" and "eager_cl" in s}
+
+    def _targets(self, speedups):
+        """The device's TARGETS checked one by one: per target how many of its fused cases meet it,
+        and for each one that misses it whether the product alone left room to: the time the target
+        allows (the paired eager median over the target), the product alone's time at that eager
+        median (the median over the product's speedup) and its rate against the measured peak, and
+        for a unit the depthwise conv's multiply-adds at the measured fp32 peak, the least the rest
+        of the unit takes (its depthwise rows multiply in fp32 in every dtype)."""
+        targets = TARGETS["cpu" if self.env.get("slug", "").startswith("cpu-") else "cuda"]
+        fused = [(r, s) for r, s in zip(self.rows, speedups)
+                 if r["contender"].startswith("fused_") and not r["contender"].endswith("_compiled")]
+        ceilings = self._ceilings(speedups)
+        lines = []
+        for target in targets:
+            mine = [(r, s) for r, s in fused if target.covers(r) and target.over in s]
+            if not mine:
+                continue
+            missed = [(r, s) for r, s in mine if s[target.over] < target.at_least]
+            lowest = min(s[target.over] for _, s in mine)
+            lines.append(f"- {target.label}: {'met' if not missed else '**missed**'}, "
+                         f"{len(mine) - len(missed)} of {len(mine)} cases (lowest {lowest:.3f}×)")
+            lines += ["  - " + self._shortfall(target, r, s, ceilings.get(r["group"])) for r, s in missed]
+        spread = self._spread("eager_cl")
+        if spread and lines:
+            worst_group, worst = max(spread.items(), key=lambda item: item[1])
+            lines.append(f"- the same eager case measured twice in one run agrees within 10 %: "
+                         f"{'met' if worst <= 0.10 else '**missed**'}, its medians within one model case differ "
+                         f"by at most {100 * worst:.1f} % ({worst_group})")
+        if not lines:
+            return []
+        return ["", "## Targets", "",
+                "The targets of this device's issue, each against this run's medians. For a case that misses a "
+                "target: the time it allows (eager's median timed beside the fused op, over the target), the "
+                "product alone's time at that same eager median (the median over the product's speedup) with its "
+                "rate against the measured peak, and for a unit the least the rest of it takes, its depthwise "
+                "conv's multiply-adds at the measured fp32 peak. Where the product alone leaves less than that, "
+                "no fusion that multiplies at eager's convolution speed meets the target on this device.", "",
+                *lines]
+
+    def _shortfall(self, target, row, speedup, ceiling):
+        """One case that misses ``target``: what the target allows against the product alone."""
+        name = f"{row['row']}, {row['dtype']}, batch {row['batch']}" + (
+            "" if row["contender"] == "fused_cpu" else f", {row['contender']}")
+        text = f"{name}: {speedup[target.over]:.3f}×"
+        if target.over != "eager_cl" or ceiling is None:
+            return text
+        eager = row["median_s"] * speedup["eager_cl"]
+        allowed, product = eager / target.at_least, eager / ceiling
+        text += (f"; eager {_time(eager)}, the target allows {_time(allowed)}, the fused op took "
+                 f"{_time(row['median_s'])}")
+        if row["kind"] != "unit":
+            verdict = ("out of reach at eager's convolution speed" if ceiling < target.at_least else
+                       "within reach of the products")
+            return text + f"; its units' products alone reach {ceiling:.3f}×: {verdict}"
+        shape = UNIT_BY_LABEL.get(row["shape"])
+        if shape is None:  # a unit this version of the benchmarks does not list
+            return text
+        depthwise_flop, pointwise_flop = unit_flop(row["batch"] * shape.out_size ** 2, shape.channels,
+                                                   shape.out_channels, shape.k)
+        rate = pointwise_flop / product
+        floor = depthwise_flop / self.peaks["flops"]["fp32"]
+        left = allowed - product
+        text += (f"; the product alone {_time(product)} ({ceiling:.3f}×, {rate / 1e9:.0f} GFLOP/s, "
+                 f"{100 * rate / self.peaks['flops'][row['math']]:.0f} % of the {row['math']} peak)")
+        if left <= 0:
+            return text + ": out of reach at eager's convolution speed, the product alone is slower than the target"
+        if left < floor:
+            return (text + f", which leaves {_time(left)} for the depthwise conv, whose multiply-adds take "
+                    f"{_time(floor)} at the fp32 peak: out of reach at eager's convolution speed")
+        return (text + f", which leaves {_time(left)} for the depthwise conv, whose multiply-adds take "
+                f"{_time(floor)} at the fp32 peak: within reach of a faster depthwise pass; the fused op took "
+                f"{_time(row['median_s'] - product)} more than the product alone")
 
     def _spread(self, baseline, own=True):
         """Per model case, the spread (max / min - 1) of ``baseline``'s medians: those timed in

@@ -150,3 +150,57 @@ def test_verdicts_give_the_spread_of_eager_medians_with_and_without_its_own_test
     assert ("eager channels_last, measured in its own test and with each contender it is paired with: its medians "
             "within one model case differ by at most 25.0 % (infer net 224² fp32 b8); those timed beside the "
             "contenders alone (the ones the ratios use) by at most 5.0 %") in verdicts
+
+
+def _unit_row(contender, median, shape="Xception 256→256 @74²", dtype="bf16", batch=8, paired=None):
+    group = f"unit {shape} {dtype} b{batch}"
+    row = {**_row(contender, median, paired), "kind": "unit", "shape": shape, "row": shape, "dtype": dtype,
+           "batch": batch, "math": dtype, "group": group, "panel": f"Per layer, {dtype}, batch {batch}"}
+    return row
+
+
+def test_targets_work_out_what_the_product_alone_leaves_a_unit_that_misses_one(tmp_path):
+    """A missed 1.3x unit target: the time it allows, the product alone at the fused op's paired
+    eager median, and the depthwise conv's multiply-adds at the fp32 peak (256 channels @74², batch
+    8: 2·8·74²·9·256 FLOP, 0.202 ms at 1 TFLOP/s); out of reach where the product leaves less."""
+    peaks = {"flops": {"fp32": 1e12, "bf16": 2e12}, "bandwidth": 1e11, "source": "test"}
+    results = Results(_ENV, peaks, str(tmp_path))
+    results.rows = [_unit_row("eager_cl", 20e-3), _unit_row("product_only", 14e-3, paired={"eager_cl": 21e-3}),
+                    _unit_row("fused_cpu", 16e-3, paired={"eager_cl": 20e-3}),
+                    _unit_row("eager_cl", 2e-3, batch=1), _unit_row("product_only", 1.5e-3, batch=1,
+                                                                      paired={"eager_cl": 1.9e-3}),
+                    _unit_row("fused_cpu", 1.7e-3, batch=1, paired={"eager_cl": 2.0e-3}),
+                    _unit_row("eager_cl", 3e-3, shape="Xception 728→728 @19²"),
+                    _unit_row("fused_cpu", 2.9e-3, shape="Xception 728→728 @19²", paired={"eager_cl": 3e-3})]
+    text = "\n".join(results._targets(results.speedups()))
+    assert "- every unit, fp32 and bf16, batch 1, 8, 32: ≥ 1× eager channels_last: met, 3 of 3 cases" in text
+    assert ("- the 147² and 74² units, fp32 and bf16, batch 1, 8, 32: ≥ 1.3× eager channels_last: **missed**, "
+            "0 of 2 cases (lowest 1.176×)") in text
+    # batch 8: eager 20 ms allows 15.4 ms; the product alone (1.5×) at that eager median 13.3 ms leaves
+    # 2.05 ms, more than the depthwise floor: the fused kernel's to take.
+    assert ("  - Xception 256→256 @74², bf16, batch 8: 1.250×; eager 20.0 ms, the target allows 15.4 ms, the fused "
+            "op took 16.0 ms; the product alone 13.3 ms (1.500×, 431 GFLOP/s, 22 % of the bf16 peak), which "
+            "leaves 2.05 ms for the depthwise conv, whose multiply-adds take 202 µs at the fp32 peak: within "
+            "reach of a faster depthwise pass; the fused op took 2.67 ms more than the product alone") in text
+    # batch 1: the product alone at 1.267× leaves nothing for the target of 1.3×.
+    assert ("  - Xception 256→256 @74², bf16, batch 1: 1.176×; eager 2.00 ms, the target allows 1.54 ms, the fused "
+            "op took 1.70 ms; the product alone 1.58 ms (1.267×, 455 GFLOP/s, 23 % of the bf16 peak): out of reach "
+            "at eager's convolution speed, the product alone is slower than the target") in text
+    assert "728→728" not in text
+
+
+def test_targets_of_a_model_set_the_fused_speedup_against_the_products_alone(tmp_path):
+    results = Results(_ENV, _PEAKS, str(tmp_path))
+    model = dict(shape="Xception 299²", row="Xception 299²", group="infer Xception 299² amp-bf16 b8",
+                 dtype="amp-bf16", panel="Whole model, inference, amp-bf16, batch 8")
+    results.rows = [{**_row("eager_cl", 1.0), **model},
+                    {**_row("product_only", 0.8, {"eager_cl": 1.0}), **model},
+                    {**_row("fused_cpu", 0.9, {"eager_cl": 1.0}), **model}]
+    text = "\n".join(results._targets(results.speedups()))
+    assert ("- Xception, inference, amp-bf16, batch 8: ≥ 1.3× eager channels_last: **missed**, 0 of 1 cases "
+            "(lowest 1.111×)") in text
+    assert ("  - Xception 299², amp-bf16, batch 8: 1.111×; eager 1.00 s, the target allows 769 ms, the fused op "
+            "took 900 ms; its units' products alone reach 1.250×: out of reach at eager's convolution speed") in text
+    # A case no target covers (another model) adds nothing, and a run with no target's cases has no section.
+    results.rows = [{**r, "shape": "net 224²"} for r in results.rows]
+    assert results._targets(results.speedups()) == []
