@@ -97,6 +97,11 @@ class Results:
         self.exactness = []  # one record per model (test_exactness)
         os.makedirs(out_dir, exist_ok=True)
 
+    @property
+    def device_type(self):
+        """"cpu" or "cuda", from the run's result-file name (environment)."""
+        return "cpu" if self.env.get("slug", "").startswith("cpu-") else "cuda"
+
     def path(self, ext):
         return os.path.join(self.out_dir, f"{self.env['slug']}.{ext}")
 
@@ -248,7 +253,7 @@ class Results:
         """Closing lines: per model case whether fused is faster than eager and torch.compile on
         this device, per per-layer panel how many units fused wins, and how well the eager
         medians measured more than once in a case agree."""
-        where = "this CPU" if self.env.get("slug", "").startswith("cpu-") else "this GPU"
+        where = "this CPU" if self.device_type == "cpu" else "this GPU"
         lines = ["", "## Verdicts", ""]
         ceilings = self._ceilings(speedups)
         panels = {}
@@ -307,7 +312,7 @@ class Results:
         median (the median over the product's speedup) and its rate against the measured peak, and
         for a unit the depthwise conv's multiply-adds at the measured fp32 peak, the least the rest
         of the unit takes (its depthwise rows multiply in fp32 in every dtype)."""
-        targets = TARGETS["cpu" if self.env.get("slug", "").startswith("cpu-") else "cuda"]
+        targets = TARGETS[self.device_type]
         fused = [(r, s) for r, s in zip(self.rows, speedups)
                  if r["contender"].startswith("fused_") and not r["contender"].endswith("_compiled")]
         ceilings = self._ceilings(speedups)
