@@ -618,6 +618,24 @@ def paired_baselines(case):
     return out
 
 
+# A two-thread ATen op on a CPU tensor just over ATen's grain size (32768 elements), so that it
+# splits in two: nearly all of its time is the threads' start and join. On a shared VM it reads
+# one of two values for tens of seconds at a time, and every multi-threaded case's time moves
+# with it, eager's small ops most (README: "How steady the timings are"). Each round reads it, so
+# that the summary can say in which state each median was taken.
+_FORK_JOIN_TENSOR = torch.zeros(40_000)
+
+
+def fork_join_probe(calls=20):
+    """Seconds per call of the fork-join probe (the median of ``calls``)."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        _FORK_JOIN_TENSOR.add_(1.0)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _warm_up(fn, timing):
     """Calls ``fn`` until the device's steady state (TIMING); returns the time of one call."""
     start = time.perf_counter()
@@ -634,9 +652,10 @@ def measure(benchmark, fn, baselines=(), model=False):
     """Time ``fn`` with pytest-benchmark after a warm-up that is never timed: one call (the first
     call pays compilation, autotuning, allocation), then more until the device's steady state
     (TIMING). With ``baselines`` (no-argument functions), each round first runs each of them in
-    turn (timed here, outside pytest-benchmark's timer). The round count fills the budget from the
-    warm-up's per-call times. Returns the median of ``fn`` and the list of the baselines' medians,
-    in seconds (None and [] when pytest-benchmark is disabled)."""
+    turn (timed here, outside pytest-benchmark's timer); on a CPU each round reads the fork-join
+    probe first. The round count fills the budget from the warm-up's per-call times. Returns the
+    median of ``fn``, the list of the baselines' medians and the probe's median, in seconds (None,
+    [] and None when pytest-benchmark is disabled; the probe's None on a GPU)."""
     timing = TIMING[DEVICE.type]
     per_round = _warm_up(fn, timing) + sum(_warm_up(b, timing) for b in baselines)
     budget = timing["model_budget_s"] if model else timing["budget_s"]
@@ -644,18 +663,21 @@ def measure(benchmark, fn, baselines=(), model=False):
     most = timing["model_max_rounds"] if model else timing["max_rounds"]
     rounds = max(least, min(most, int(budget / per_round)))
     baseline_times = [[] for _ in baselines]
+    probe_times = []
 
-    def timed_baselines():
+    def setup():
+        if DEVICE.type == "cpu":
+            probe_times.append(fork_join_probe())
         for baseline, times in zip(baselines, baseline_times):
             start = time.perf_counter()
             baseline()
             times.append(time.perf_counter() - start)
 
-    benchmark.pedantic(fn, setup=timed_baselines if baselines else None, rounds=rounds, warmup_rounds=0,
-                       iterations=1)
+    benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
     if benchmark.stats is None:
-        return None, []
-    return benchmark.stats.stats.median, [statistics.median(times) for times in baseline_times]
+        return None, [], None
+    return (benchmark.stats.stats.median, [statistics.median(times) for times in baseline_times],
+            statistics.median(probe_times) if probe_times else None)
 
 
 def require(contender):

@@ -5,6 +5,7 @@ The JSON and the markdown are rewritten after every result, so a run cut short (
 GPU check) still leaves what it measured; the chart is drawn at the end.
 """
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -89,6 +90,44 @@ def environment(device, profile):
     }
 
 
+# Two medians taken in the same state of the host: their fork-join probe readings (harness.
+# fork_join_probe) differ by at most this much. The probe's two states lie far further apart.
+_SAME_STATE_TOLERANCE = 0.15
+_SAME_STATE = f"fork-join probe readings within {100 * _SAME_STATE_TOLERANCE:.0f} % of each other"
+
+
+def _spread(entries):
+    """max / min - 1 of the (seconds, probe µs) entries' times."""
+    times = [t for t, _ in entries]
+    return max(times) / min(times) - 1
+
+
+def _worst_spread(medians):
+    """The largest spread over the cases of ``medians`` (Results._model_medians), as text with its
+    case and, where the probe was read, the fastest and slowest medians with their readings."""
+    group, entries = max(medians.items(), key=lambda item: _spread(item[1]))
+    text = f"{100 * _spread(entries):.1f} % ({group}"
+    fastest, slowest = min(entries), max(entries)
+    if fastest[1] is not None and slowest[1] is not None:
+        text += (f": {_time(fastest[0])} with the fork-join probe at {fastest[1]:.1f} µs, {_time(slowest[0])} "
+                 f"at {slowest[1]:.1f} µs")
+    return text + ")"
+
+
+def _worst_same_state_spread(medians):
+    """The largest spread between two medians of one case taken in the same state of the host, as
+    (text with its case, the spread); None where no two were (or the probe was not read)."""
+    worst = None
+    for group, entries in medians.items():
+        for a, b in itertools.combinations(entries, 2):
+            if a[1] is None or b[1] is None or max(a[1], b[1]) > (1 + _SAME_STATE_TOLERANCE) * min(a[1], b[1]):
+                continue
+            spread = _spread([a, b])
+            if worst is None or spread > worst[1]:
+                worst = (f"{100 * spread:.1f} % ({group})", spread)
+    return worst
+
+
 class Results:
     def __init__(self, env, peaks, out_dir):
         self.env, self.peaks, self.out_dir = env, peaks, out_dir
@@ -105,10 +144,11 @@ class Results:
     def path(self, ext):
         return os.path.join(self.out_dir, f"{self.env['slug']}.{ext}")
 
-    def add(self, benchmark, case, median, layers, math, extra=None, paired=()):
+    def add(self, benchmark, case, median, layers, math, extra=None, paired=(), fork_join=None):
         """Attach the case's extra_info to the benchmark and keep it for the summary; ``layers``
         is the work as [(FLOP, minimum bytes)] (see peaks.roofline); ``paired``: (case, median) of
-        each case timed in alternation with this one (harness.paired_baselines)."""
+        each case timed in alternation with this one (harness.paired_baselines); ``fork_join``: the
+        fork-join probe's median over the same rounds, in seconds (harness.fork_join_probe)."""
         paired = {c.contender: m for c, m in paired if m is not None}
         info = {
             "device": self.env["device"], "torch": self.env["torch"], "triton": self.env["triton"],
@@ -119,6 +159,8 @@ class Results:
         }
         if paired:
             info["paired_medians_s"] = paired
+        if fork_join is not None:
+            info["fork_join_us"] = fork_join * 1e6
         if median is not None:
             info.update(roofline(layers, median, self.peaks["flops"][math], self.peaks["bandwidth"]))
         benchmark.extra_info.update(info)
@@ -183,6 +225,14 @@ class Results:
                           ("session_warmup_s", "session warm-up before the first benchmark: {:.1f} s")):
             if self.env.get(key) is not None:
                 lines.append("- " + text.format(self.env[key]))
+        probes = [r["fork_join_us"] for r in self.rows if r.get("fork_join_us") is not None]
+        if probes:
+            lines.append(f"- fork-join probe (a two-thread ATen op on 40,000 floats, nearly all of it the threads' "
+                         f"start and join; the median over each test's rounds): {min(probes):.1f}–{max(probes):.1f} "
+                         f"µs over this run's tests"
+                         + ("; the host changed state during the run: compare the ratios timed within one test, not "
+                            "times across tests (README: how steady the timings are)"
+                            if max(probes) > (1 + _SAME_STATE_TOLERANCE) * min(probes) else ""))
         if any(r["roofline_fraction"] > 1 for r in self.rows):
             lines.append("- **some results exceed 100 % of the roofline: the peaks above understate what this "
                          "device reached (if measured: while other processes loaded it?). Read the roofline "
@@ -203,7 +253,9 @@ class Results:
             "than torch.compile. product_only: the ceiling, not a contender: a unit's pointwise product alone, "
             "eager's 1x1 convolution with the BatchNorm folded, over a depthwise result computed beforehand (for a "
             "model: the fused model with each unit replaced by it). A fused unit still has its depthwise conv to do: "
-            "unless its own product runs faster than eager's convolution, its × eager CL stays under the product's.",
+            "unless its own product runs faster than eager's convolution, its × eager CL stays under the product's."
+            + (" fork-join: the fork-join probe's median over the test's rounds, which says the host's state the "
+               "test ran in." if probes else ""),
         ]
         speedups = self.speedups()
         panel = None
@@ -212,14 +264,16 @@ class Results:
                 panel = r["panel"]
                 lines += ["", f"## {panel}", "",
                           "| case | contender | median | eager CL (paired) | compile (paired) | × eager CL | × compile "
-                          "| TFLOP/s | GB/s | roofline | |",
-                          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                          "| TFLOP/s | GB/s | roofline |" + (" fork-join |" if probes else "") + " |",
+                          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if probes else "") + "---|"]
             paired = r.get("paired_medians_s", {})
             cells = [r["row"], r["contender"], _time(r["median_s"]),
                      *("—" if paired.get(k) is None else _time(paired[k]) for k in ("eager_cl", "compile")),
                      *(_ratio(s.get(k)) for k in ("eager_cl", "compile")),
                      f"{r['tflops']:.3g}", "—" if r["gbps"] is None else f"{r['gbps']:.4g}",
-                     f"{100 * r['roofline_fraction']:.1f} %", _slower(r, s)]
+                     f"{100 * r['roofline_fraction']:.1f} %",
+                     *([] if not probes else ["—" if r.get("fork_join_us") is None else f"{r['fork_join_us']:.1f} µs"]),
+                     _slower(r, s)]
             lines.append("| " + " | ".join(cells) + " |")
         lines += self._verdicts(speedups)
         lines += self._targets(speedups)
@@ -287,15 +341,17 @@ class Results:
                              f"alone's (the ceiling at eager's convolution speed) on {len(shares)} units")
                 lines.append(text)
         for baseline, name in (("eager_cl", "eager channels_last"), ("compile", "torch.compile")):
-            spread, paired = self._spread(baseline), self._spread(baseline, own=False)
-            if spread:
-                worst_group, worst = max(spread.items(), key=lambda item: item[1])
+            medians = self._model_medians(baseline)
+            if medians:
                 text = (f"- {name}, measured in its own test and with each contender it is paired with: its "
-                        f"medians within one model case differ by at most {100 * worst:.1f} % ({worst_group})")
+                        f"medians within one model case differ by at most {_worst_spread(medians)}")
+                paired = self._model_medians(baseline, own=False)
                 if paired:
-                    worst_group, worst = max(paired.items(), key=lambda item: item[1])
                     text += (f"; those timed beside the contenders alone (the ones the ratios use) by at most "
-                             f"{100 * worst:.1f} % ({worst_group})")
+                             f"{_worst_spread(paired)}")
+                same_state = _worst_same_state_spread(medians)
+                if same_state:
+                    text += f"; those timed in the same state of the host ({_SAME_STATE}) by at most {same_state[0]}"
                 lines.append(text)
         return lines
 
@@ -326,12 +382,18 @@ class Results:
             lines.append(f"- {target.label}: {'met' if not missed else '**missed**'}, "
                          f"{len(mine) - len(missed)} of {len(mine)} cases (lowest {lowest:.3f}×)")
             lines += ["  - " + self._shortfall(target, r, s, ceilings.get(r["group"])) for r, s in missed]
-        spread = self._spread("eager_cl")
-        if spread and lines:
-            worst_group, worst = max(spread.items(), key=lambda item: item[1])
-            lines.append(f"- the same eager case measured twice in one run agrees within 10 %: "
-                         f"{'met' if worst <= 0.10 else '**missed**'}, its medians within one model case differ "
-                         f"by at most {100 * worst:.1f} % ({worst_group})")
+        medians = self._model_medians("eager_cl")
+        if medians and lines:
+            worst = max(_spread(entries) for entries in medians.values())
+            text = (f"- the same eager case measured twice in one run agrees within 10 %: "
+                    f"{'met' if worst <= 0.10 else '**missed**'}, its medians within one model case differ "
+                    f"by at most {_worst_spread(medians)}")
+            same_state = _worst_same_state_spread(medians)
+            if same_state:
+                text += f"; timed in the same state of the host ({_SAME_STATE}), by at most {same_state[0]}"
+                if worst > 0.10 >= same_state[1]:
+                    text += ": what is left is the host changing state between the tests"
+            lines.append(text)
         if not lines:
             return []
         return ["", "## Targets", "",
@@ -377,19 +439,20 @@ class Results:
                 f"{_time(floor)} at the fp32 peak: within reach of a faster depthwise pass; the fused op took "
                 f"{_time(row['median_s'] - product)} more than the product alone")
 
-    def _spread(self, baseline, own=True):
-        """Per model case, the spread (max / min - 1) of ``baseline``'s medians: those timed in
-        alternation with each other contender, and with ``own`` its own test's."""
+    def _model_medians(self, baseline, own=True):
+        """Per model case with more than one: ``baseline``'s medians, those timed in alternation
+        with each other contender and, with ``own``, its own test's; each as (seconds, the fork-join
+        probe's median over the same rounds in µs, or None)."""
         medians = {}
         for r in self.rows:
             if r["kind"] == "unit":
                 continue
             if r["contender"] == baseline:
                 if own:
-                    medians.setdefault(r["group"], []).append(r["median_s"])
+                    medians.setdefault(r["group"], []).append((r["median_s"], r.get("fork_join_us")))
             elif r.get("paired_medians_s", {}).get(baseline):
-                medians.setdefault(r["group"], []).append(r["paired_medians_s"][baseline])
-        return {g: max(v) / min(v) - 1 for g, v in medians.items() if len(v) > 1}
+                medians.setdefault(r["group"], []).append((r["paired_medians_s"][baseline], r.get("fork_join_us")))
+        return {g: v for g, v in medians.items() if len(v) > 1}
 
     def write_tables(self):
         with open(self.path("json"), "w") as f:

@@ -15,9 +15,10 @@ def test_unit(benchmark, results, case):
     baselines = paired_baselines(case)
     with precision_context(case.dtype, inference=True):
         fn = build_unit(case)
-        median, baseline_medians = measure(benchmark, fn, [build_unit(b, fresh=False) for b in baselines])
+        median, baseline_medians, fork_join = measure(benchmark, fn, [build_unit(b, fresh=False) for b in baselines])
     s = case.shape
     dtype = DTYPES[case.dtype]
     layers = [unit_cost(case.batch * s.out_size ** 2, s.channels, s.out_channels, dtype.itemsize, s.residual,
                         k=s.k, input_pixels=case.batch * s.size ** 2)]
-    results.add(benchmark, case, median, layers, math_mode(DEVICE, dtype), paired=zip(baselines, baseline_medians))
+    results.add(benchmark, case, median, layers, math_mode(DEVICE, dtype), paired=zip(baselines, baseline_medians),
+                fork_join=fork_join)

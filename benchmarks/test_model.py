@@ -18,10 +18,10 @@ def test_model(benchmark, results, case):
     baselines = paired_baselines(case)
     with precision_context(case.dtype, inference=case.kind == "infer"):
         fn, extra = build_model(case)
-        median, baseline_medians = measure(benchmark, fn, [build_model(b, fresh=False)[0] for b in baselines],
+        median, baseline_medians, fork_join = measure(benchmark, fn, [build_model(b, fresh=False)[0] for b in baselines],
                                            model=True)
     # Under autocast the convs and the classifier run in the autocast dtype.
     dtype = MODEL_PRECISIONS[case.dtype] or torch.float32
     layers = model_layers(case.model, case.batch, dtype.itemsize, training=case.kind == "train")
     results.add(benchmark, case, median, layers, math_mode(DEVICE, dtype), extra,
-                paired=zip(baselines, baseline_medians))
+                paired=zip(baselines, baseline_medians), fork_join=fork_join)

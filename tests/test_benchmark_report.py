@@ -152,6 +152,29 @@ def test_verdicts_give_the_spread_of_eager_medians_with_and_without_its_own_test
             "contenders alone (the ones the ratios use) by at most 5.0 %") in verdicts
 
 
+def test_spreads_say_the_host_state_each_eager_median_was_taken_in(tmp_path):
+    """Eager's medians of one case: 1.0 s and 0.95 s with the fork-join probe at 5 µs, 1.3 s at
+    7.5 µs. The spread is 36.8 %; within one state of the host 5.3 %, which meets the target."""
+    results = Results(_ENV, _PEAKS, str(tmp_path))
+    model = dict(shape="Xception 299²", row="Xception 299²", group="infer Xception 299² fp32 b8")
+    results.rows = [{**_row("eager_cl", 1.0), **model, "fork_join_us": 5.0},
+                    {**_row("compile", 0.9, {"eager_cl": 0.95}), **model, "fork_join_us": 5.2},
+                    {**_row("fused_cpu", 0.5, {"eager_cl": 1.3, "compile": 0.9}), **model, "fork_join_us": 7.5}]
+    verdicts = "\n".join(results._verdicts(results.speedups()))
+    assert ("its medians within one model case differ by at most 36.8 % (infer Xception 299² fp32 b8: 950 ms with "
+            "the fork-join probe at 5.2 µs, 1.30 s at 7.5 µs)") in verdicts
+    assert ("those timed in the same state of the host (fork-join probe readings within 15 % of each other) by at "
+            "most 5.3 % (infer Xception 299² fp32 b8)") in verdicts
+    markdown = results.markdown()
+    assert ("the same eager case measured twice in one run agrees within 10 %: **missed**, its medians within one "
+            "model case differ by at most 36.8 %") in markdown
+    assert ("timed in the same state of the host (fork-join probe readings within 15 % of each other), by at most "
+            "5.3 % (infer Xception 299² fp32 b8): what is left is the host changing state between the tests"
+            ) in markdown
+    assert "5.0–7.5 µs over this run's tests; the host changed state during the run" in markdown
+    assert "| 1.00× | 0.90× | 1 | 1 | 50.0 % | 5.0 µs |  |" in markdown
+
+
 def _unit_row(contender, median, shape="Xception 256→256 @74²", dtype="bf16", batch=8, paired=None):
     group = f"unit {shape} {dtype} b{batch}"
     row = {**_row(contender, median, paired), "kind": "unit", "shape": shape, "row": shape, "dtype": dtype,
