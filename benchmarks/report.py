@@ -14,7 +14,7 @@ import subprocess
 
 import torch
 
-from .harness import COMPILERS, CONTENDERS, TARGETS, UNIT_BY_LABEL
+from .harness import COMPILERS, CONTENDERS, DTYPES, TARGETS, UNIT_BY_LABEL
 from .peaks import roofline, unit_flop
 
 BASELINES = ("eager_cl", "eager_nchw")
@@ -367,7 +367,8 @@ class Results:
         allows (the paired eager median over the target), the product alone's time at that eager
         median (the median over the product's speedup) and its rate against the measured peak, and
         for a unit the depthwise conv's multiply-adds at the measured fp32 peak, the least the rest
-        of the unit takes (its depthwise rows multiply in fp32 in every dtype)."""
+        of the unit takes (its depthwise rows multiply in fp32 in every dtype), and the bytes a
+        depthwise pass that writes its result to memory moves at the measured bandwidth."""
         targets = TARGETS[self.device_type]
         fused = [(r, s) for r, s in zip(self.rows, speedups)
                  if r["contender"].startswith("fused_") and not r["contender"].endswith("_compiled")]
@@ -402,7 +403,11 @@ class Results:
                 "product alone's time at that same eager median (the median over the product's speedup) with its "
                 "rate against the measured peak, and for a unit the least the rest of it takes, its depthwise "
                 "conv's multiply-adds at the measured fp32 peak. Where the product alone leaves less than that, "
-                "no fusion that multiplies at eager's convolution speed meets the target on this device.", "",
+                "no fusion that multiplies at eager's convolution speed meets the target on this device. Where it "
+                "leaves more: the bytes that a depthwise pass writing its result to memory (the materialized "
+                "strategy) moves beyond the product alone's, x read and the result written, at the measured "
+                "bandwidth (a floor where they do not fit in the last-level cache); where those take longer than is "
+                "left, only a fusion that keeps the depthwise result in cache meets the target.", "",
                 *lines]
 
     def _shortfall(self, target, row, speedup, ceiling):
@@ -435,9 +440,20 @@ class Results:
         if left < floor:
             return (text + f", which leaves {_time(left)} for the depthwise conv, whose multiply-adds take "
                     f"{_time(floor)} at the fp32 peak: out of reach at eager's convolution speed")
-        return (text + f", which leaves {_time(left)} for the depthwise conv, whose multiply-adds take "
-                f"{_time(floor)} at the fp32 peak: within reach of a faster depthwise pass; the fused op took "
-                f"{_time(row['median_s'] - product)} more than the product alone")
+        text += (f", which leaves {_time(left)} for the depthwise conv, whose multiply-adds take {_time(floor)} at "
+                 f"the fp32 peak: within reach of a faster depthwise pass; the fused op took "
+                 f"{_time(row['median_s'] - product)} more than the product alone")
+        # A depthwise pass that writes its result to memory (the materialized strategy) reads x and
+        # writes the result on top of what the product alone moves; one that keeps it in cache
+        # (tiled) reads x in place of the product's reading the result.
+        moved = row["batch"] * (shape.size ** 2 + shape.out_size ** 2) * shape.channels * DTYPES[row["dtype"]].itemsize
+        memory = moved / self.peaks["bandwidth"]
+        text += (f"; a depthwise pass that writes its result to memory moves {moved / 1e6:.1f} MB more than the "
+                 f"product alone, {_time(memory)} at the measured bandwidth where they do not fit in the last-level "
+                 f"cache")
+        if memory > left:
+            text += ": only a fusion that keeps the depthwise result in cache meets the target"
+        return text
 
     def _model_medians(self, baseline, own=True):
         """Per model case with more than one: ``baseline``'s medians, those timed in alternation

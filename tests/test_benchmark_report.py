@@ -204,7 +204,15 @@ def test_targets_work_out_what_the_product_alone_leaves_a_unit_that_misses_one(t
     assert ("  - Xception 256→256 @74², bf16, batch 8: 1.250×; eager 20.0 ms, the target allows 15.4 ms, the fused "
             "op took 16.0 ms; the product alone 13.3 ms (1.500×, 431 GFLOP/s, 22 % of the bf16 peak), which "
             "leaves 2.05 ms for the depthwise conv, whose multiply-adds take 202 µs at the fp32 peak: within "
-            "reach of a faster depthwise pass; the fused op took 2.67 ms more than the product alone") in text
+            "reach of a faster depthwise pass; the fused op took 2.67 ms more than the product alone; a depthwise "
+            "pass that writes its result to memory moves 44.9 MB more than the product alone, 449 µs at the "
+            "measured bandwidth where they do not fit in the last-level cache") in text
+    assert "cache: only" not in text
+    # At a tenth of the bandwidth those 44.9 MB take 4.49 ms, more than the 2.05 ms left.
+    results.peaks = {**peaks, "bandwidth": 1e10}
+    text = "\n".join(results._targets(results.speedups()))
+    assert ("44.9 MB more than the product alone, 4.49 ms at the measured bandwidth where they do not fit in the "
+            "last-level cache: only a fusion that keeps the depthwise result in cache meets the target") in text
     # batch 1: the product alone at 1.267× leaves nothing for the target of 1.3×.
     assert ("  - Xception 256→256 @74², bf16, batch 1: 1.176×; eager 2.00 ms, the target allows 1.54 ms, the fused "
             "op took 1.70 ms; the product alone 1.58 ms (1.267×, 455 GFLOP/s, 23 % of the bf16 peak): out of reach "
