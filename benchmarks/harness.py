@@ -623,7 +623,8 @@ def paired_baselines(case):
 # one of two values for tens of seconds at a time, and every multi-threaded case's time moves
 # with it, eager's small ops most (README: "How steady the timings are"). Each round reads it, so
 # that the summary can say in which state each median was taken.
-_FORK_JOIN_TENSOR = torch.zeros(40_000)
+FORK_JOIN_ELEMENTS = 40_000
+_FORK_JOIN_TENSOR = torch.zeros(FORK_JOIN_ELEMENTS)
 
 
 def fork_join_probe(calls=20):

@@ -14,7 +14,7 @@ import subprocess
 
 import torch
 
-from .harness import COMPILERS, CONTENDERS, DTYPES, TARGETS, UNIT_BY_LABEL
+from .harness import COMPILERS, CONTENDERS, DTYPES, FORK_JOIN_ELEMENTS, TARGETS, UNIT_BY_LABEL
 from .peaks import roofline, unit_flop
 
 BASELINES = ("eager_cl", "eager_nchw")
@@ -96,6 +96,11 @@ _SAME_STATE_TOLERANCE = 0.15
 _SAME_STATE = f"fork-join probe readings within {100 * _SAME_STATE_TOLERANCE:.0f} % of each other"
 
 
+def _same_state(a_us, b_us):
+    """Whether two fork-join probe readings (µs) were taken in the same state of the host."""
+    return max(a_us, b_us) <= (1 + _SAME_STATE_TOLERANCE) * min(a_us, b_us)
+
+
 def _spread(entries):
     """max / min - 1 of the (seconds, probe µs) entries' times."""
     times = [t for t, _ in entries]
@@ -120,7 +125,7 @@ def _worst_same_state_spread(medians):
     worst = None
     for group, entries in medians.items():
         for a, b in itertools.combinations(entries, 2):
-            if a[1] is None or b[1] is None or max(a[1], b[1]) > (1 + _SAME_STATE_TOLERANCE) * min(a[1], b[1]):
+            if a[1] is None or b[1] is None or not _same_state(a[1], b[1]):
                 continue
             spread = _spread([a, b])
             if worst is None or spread > worst[1]:
@@ -227,12 +232,12 @@ class Results:
                 lines.append("- " + text.format(self.env[key]))
         probes = [r["fork_join_us"] for r in self.rows if r.get("fork_join_us") is not None]
         if probes:
-            lines.append(f"- fork-join probe (a two-thread ATen op on 40,000 floats, nearly all of it the threads' "
-                         f"start and join; the median over each test's rounds): {min(probes):.1f}–{max(probes):.1f} "
+            lines.append(f"- fork-join probe (a two-thread ATen op on {FORK_JOIN_ELEMENTS:,} floats, nearly all of it "
+                         f"the threads' start and join; the median over each test's rounds): {min(probes):.1f}–{max(probes):.1f} "
                          f"µs over this run's tests"
                          + ("; the host changed state during the run: compare the ratios timed within one test, not "
                             "times across tests (README: how steady the timings are)"
-                            if max(probes) > (1 + _SAME_STATE_TOLERANCE) * min(probes) else ""))
+                            if not _same_state(min(probes), max(probes)) else ""))
         if any(r["roofline_fraction"] > 1 for r in self.rows):
             lines.append("- **some results exceed 100 % of the roofline: the peaks above understate what this "
                          "device reached (if measured: while other processes loaded it?). Read the roofline "
