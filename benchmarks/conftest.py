@@ -30,7 +30,11 @@ def results():
         torch.backends.cudnn.benchmark = True
     env = environment(harness.DEVICE, harness.PROFILE)
     if harness.DEVICE.type == "cpu":
-        env["host_allocator"] = harness.keep_freed_host_memory()
+        if harness.HOST_ALLOCATOR == "kept":
+            env["host_allocator"] = harness.keep_freed_host_memory()
+        else:
+            env["host_allocator"] = "the process's default (no mallopt: glibc maps large blocks afresh)"
+            env["slug"] += "-default-allocator"
         # Loads the CPU kernel (building it if it must) before anything is timed.
         env["cpu_kernel_vector_bytes"] = torch.ops.xception_fast.cpu_vector_bytes()
     peaks = device_peaks(harness.DEVICE, env["device"])

@@ -7,6 +7,10 @@ Environment:
     XCEPTION_FAST_BENCH_MODELS   "default" (Xception, MobileNetV2, EfficientNet-lite0, xception41),
                                  "all" (every model of MODELS) or a comma-separated list of names
     XCEPTION_FAST_BENCH_DIR      where the summary goes (default: benchmarks/results)
+    XCEPTION_FAST_BENCH_HOST_ALLOCATOR
+                                 on a CPU, "kept" (default: glibc keeps what the process frees, the
+                                 steady state; keep_freed_host_memory) or "default" (as a fresh
+                                 process has it; the results go to a file of their own)
 """
 import contextlib
 import ctypes
@@ -35,6 +39,9 @@ PROFILE = os.environ.get("XCEPTION_FAST_BENCH_PROFILE", "full")
 if PROFILE not in ("full", "quick"):
     raise ValueError(f"XCEPTION_FAST_BENCH_PROFILE must be 'full' or 'quick', got {PROFILE!r}")
 OUT_DIR = os.environ.get("XCEPTION_FAST_BENCH_DIR") or os.path.join(os.path.dirname(__file__), "results")
+HOST_ALLOCATOR = os.environ.get("XCEPTION_FAST_BENCH_HOST_ALLOCATOR", "kept")
+if HOST_ALLOCATOR not in ("kept", "default"):
+    raise ValueError(f"XCEPTION_FAST_BENCH_HOST_ALLOCATOR must be 'kept' or 'default', got {HOST_ALLOCATOR!r}")
 
 
 # ----------------------------------------------------------------------------------------------

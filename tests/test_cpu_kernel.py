@@ -2,6 +2,7 @@
 rule that chooses between them, the depthwise result kept for the backward, the fp32 precision
 setting, packed weights in the fused modules going stale when a weight changes, and the depthwise
 conv's backward; and each vector width the kernel's loops are compiled for."""
+import concurrent.futures
 import contextlib
 import dataclasses
 import copy
@@ -116,6 +117,49 @@ def test_bf16_depthwise_result_streamed_past_the_cache():
             *op_args(alone, unit, packed))[1]), i
     sample = dict(tensors, x=tensors["x"][:4])
     assert_exact(out[:4], eager(sample, unit), reference64(sample, unit), "streamed bf16 unit")
+
+
+def test_materialized_scratch_is_in_no_result():
+    """Where the caller does not keep it, the materialized product's depthwise result goes to one
+    buffer that the process keeps from call to call: later calls that use it (another input of the
+    shape, then a larger one, which grows it) leave a kept depthwise result and every output as they
+    were, and each gets its own result."""
+    tensors, unit = make_inputs(2, 40, 70, 9, 7, dtype=torch.bfloat16, layout="channels_last", dw_bias=True,
+                                unit=Unit(act_mid="relu6"))
+    packed = pack(tensors, torch.bfloat16, "materialized")
+    out, depthwise = torch.ops.xception_fast.sepconv_keeping_depthwise(*op_args(tensors, unit, packed))
+    first = run(tensors, unit, packed)
+    saved = out.clone(), depthwise.clone(), first.clone()
+    g = torch.Generator().manual_seed(1)
+    for n, h, w in ((2, 9, 7), (3, 15, 13)):
+        other = dict(tensors, x=torch.randn(n, 40, h, w, generator=g).to(torch.bfloat16).contiguous(
+            memory_format=torch.channels_last))
+        got = run(other, unit, packed)
+        assert_exact(got, eager(other, unit), reference64(other, unit), f"materialized bf16 {n}x{h}x{w}")
+    for now, then in zip((out, depthwise, first), saved):
+        assert torch.equal(now, then)
+    assert torch.equal(first, out)
+    assert torch.equal(run(tensors, unit, packed), out)  # once the buffer has grown
+
+
+def test_materialized_calls_from_several_threads():
+    """Calls at once from several threads: one borrows the kept buffer for its depthwise result, the
+    others make their own, and each gets its own input's result."""
+    inputs = []
+    for seed in range(4):
+        tensors, unit = make_inputs(2, 96, 64, 20, 20, dtype=torch.bfloat16, layout="channels_last", seed=seed)
+        inputs.append(tensors)
+    packed = pack(inputs[0], torch.bfloat16, "materialized")
+    calls = [dict(inputs[0], x=t["x"]) for t in inputs]
+    expected = [run(t, unit, packed) for t in calls]
+
+    def repeatedly(t):
+        return [run(t, unit, packed) for _ in range(20)]
+
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        results = list(pool.map(repeatedly, calls))
+    for i, (outs, want) in enumerate(zip(results, expected)):
+        assert all(torch.equal(o, want) for o in outs), i
 
 
 def test_the_rule():

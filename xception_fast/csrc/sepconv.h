@@ -33,13 +33,17 @@ UnitShape check_args(const at::Tensor& x, const at::Tensor& dw_weight, const std
                      const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, int64_t dilation,
                      c10::string_view act_in, c10::string_view act_mid, c10::string_view act_out);
 
-// What every kernel computes on: x and residual channels-last (copied when they are not), the
-// output allocated channels-last; kernels return out.contiguous(memory_format), x's own format.
+// What every kernel computes on: x and residual channels-last (copied when they are not);
+// kernels return their output as out.contiguous(memory_format), x's own format.
 struct NhwcOperands {
-  at::Tensor x, residual, out;
+  at::Tensor x, residual;
   at::MemoryFormat memory_format;
 };
 NhwcOperands nhwc_operands(const at::Tensor& x, const UnitShape& s, const std::optional<at::Tensor>& residual);
+
+// The output for a kernel that writes it itself: channels-last (contiguous when it has no image, as
+// the fake's suggest_memory_format makes it for an empty x).
+at::Tensor nhwc_output(const at::Tensor& x, const UnitShape& s);
 
 // The packed-weights header: the first tensor of every backend's packed list, an int64 CPU tensor
 // of kHeaderLength entries, so that a kernel can refuse weights packed for something else.

@@ -134,17 +134,18 @@ UnitShape check_args(const at::Tensor& x, const at::Tensor& dw_weight, const std
 
 NhwcOperands nhwc_operands(const at::Tensor& x, const UnitShape& s, const std::optional<at::Tensor>& residual) {
   NhwcOperands ops;
-  ops.memory_format = x.suggest_memory_format();
-  if (s.N == 0) {
-    // No element to order: contiguous, as the fake's suggest_memory_format makes it for an empty x.
-    ops.memory_format = at::MemoryFormat::Contiguous;
-    ops.out = at::empty({s.N, s.Cout, s.Ho, s.Wo}, x.options());
-    return ops;
-  }
-  ops.out = at::empty({s.N, s.Cout, s.Ho, s.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // No element to order where there is no image: contiguous, as the fake's suggest_memory_format
+  // makes it for an empty x.
+  ops.memory_format = s.N == 0 ? at::MemoryFormat::Contiguous : x.suggest_memory_format();
+  if (s.N == 0) return ops;
   ops.x = x.contiguous(at::MemoryFormat::ChannelsLast);
   if (residual.has_value()) ops.residual = residual->contiguous(at::MemoryFormat::ChannelsLast);
   return ops;
+}
+
+at::Tensor nhwc_output(const at::Tensor& x, const UnitShape& s) {
+  return at::empty({s.N, s.Cout, s.Ho, s.Wo},
+                   x.options().memory_format(s.N == 0 ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast));
 }
 
 std::vector<int64_t> check_packed_header(at::TensorList packed, int64_t format, const UnitShape& s,

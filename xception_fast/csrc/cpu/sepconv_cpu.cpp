@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -1171,7 +1172,8 @@ std::vector<at::Tensor> pack_cpu_impl(const at::Tensor& dw_weight, const std::op
 
 struct Operands {
   UnitShape s;
-  at::Tensor x, residual, out;  // NHWC (channels-last) x and residual, channels-last out
+  at::Tensor x, residual;  // NHWC (channels-last)
+  at::Tensor out;  // channels-last, allocated by the strategy that computes it
   at::Tensor taps, dw_bias, pointwise, pw_bias, pw_bias_in_x_dtype;
   std::vector<int64_t> header;
   // The depthwise result, channels-last in x's dtype, for a backward that would otherwise
@@ -1266,6 +1268,7 @@ void run_tiled(Operands& o) {
   const float* pointwise = o.pointwise.const_data_ptr<float>();
   const float* bias = o.pw_bias.const_data_ptr<float>();
   const float* residual = o.residual.defined() ? o.residual.const_data_ptr<float>() : nullptr;
+  o.out = nhwc_output(o.x, s);
   float* out = o.out.mutable_data_ptr<float>();
   float* kept = nullptr;
   if (o.keep_depthwise) {
@@ -1347,13 +1350,56 @@ at::Tensor onednn_pointwise(const at::Tensor& d, const at::Tensor& w, const at::
   return unary.call(d, w, bias, zeros, ones, ones, 1, attr, scalars, std::nullopt);
 }
 
+// The materialized product's depthwise result where the caller does not keep it: one buffer for the
+// process, kept from call to call at the largest size it has held, lent to one call at a time (a
+// call that finds it lent makes its own). glibc's allocator maps a block of megabytes afresh on many
+// calls (it returns large freed blocks to the system), and the first write to each of its 4 KB pages
+// then faults, at a cost comparable to the depthwise pass's own: made fresh on every call, the unit
+// ran slower than eager's in a process with that allocator (README, CPU kernel).
+class DepthwiseScratch {
+ public:
+  DepthwiseScratch() : leased_(!lent().exchange(true, std::memory_order_acquire)) {}
+  ~DepthwiseScratch() {
+    if (leased_) lent().store(false, std::memory_order_release);
+  }
+  DepthwiseScratch(const DepthwiseScratch&) = delete;
+  DepthwiseScratch& operator=(const DepthwiseScratch&) = delete;
+
+  // Channels-last [N, C, Ho, Wo] in `options`' dtype, valid while this lease lives.
+  at::Tensor tensor(const UnitShape& s, const at::TensorOptions& options) {
+    const std::vector<int64_t> sizes{s.N, s.C, s.Ho, s.Wo};
+    if (!leased_) return at::empty(sizes, options.memory_format(at::MemoryFormat::ChannelsLast));
+    const int64_t needed = s.N * s.C * s.Ho * s.Wo * static_cast<int64_t>(options.dtype().itemsize());
+    at::Tensor& bytes = buffer();
+    if (!bytes.defined() || bytes.numel() < needed) {
+      bytes = at::Tensor();  // the old buffer freed before the new one is made, not beside it
+      bytes = at::empty({needed}, options.dtype(at::kByte));
+    }
+    return at::empty({0}, options).set_(bytes.storage(), 0, sizes, {s.C * s.Ho * s.Wo, 1, s.Wo * s.C, s.C});
+  }
+
+ private:
+  static std::atomic<bool>& lent() {
+    static std::atomic<bool> flag{false};
+    return flag;
+  }
+  static at::Tensor& buffer() {
+    static auto* bytes = new at::Tensor();  // never destroyed: no order to keep with libtorch's at exit
+    return *bytes;
+  }
+  const bool leased_;
+};
+
 template <typename scalar_t>
 void run_materialized(Operands& o) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto& s = o.s;
   const int64_t M = s.N * s.Ho * s.Wo;
   // The intermediate in x's dtype, as eager's depthwise conv writes it.
-  auto d = at::empty({s.N, s.C, s.Ho, s.Wo}, o.x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  DepthwiseScratch scratch;
+  auto d = o.keep_depthwise
+               ? at::empty({s.N, s.C, s.Ho, s.Wo}, o.x.options().memory_format(at::MemoryFormat::ChannelsLast))
+               : scratch.tensor(s, o.x.options());
   auto dw = depthwise_args<scalar_t, scalar_t, acc_t>(o);
   // Past the caches where the depthwise result and the product's output together exceed the
   // last-level cache: the lines of the result would then leave the cache before the product reads
@@ -1403,9 +1449,9 @@ std::tuple<at::Tensor, at::Tensor> run_unit(const at::Tensor& x, const at::Tenso
   TORCH_CHECK_VALUE(x.device().is_cpu(), "sepconv (CPU kernel): x must be a CPU tensor, got ", x.device());
   // The ATen calls inside compute in the dtypes chosen here, even under autocast.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  auto [x_nhwc, res_nhwc, out, memory_format] = nhwc_operands(x, s, residual);
-  if (out.numel() == 0) {
-    return {out.contiguous(memory_format),
+  auto [x_nhwc, res_nhwc, memory_format] = nhwc_operands(x, s, residual);
+  if (s.N * s.Cout * s.Ho * s.Wo == 0) {
+    return {nhwc_output(x, s).contiguous(memory_format),
             keep_depthwise ? at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast))
                            : at::Tensor()};
   }
@@ -1418,7 +1464,7 @@ std::tuple<at::Tensor, at::Tensor> run_unit(const at::Tensor& x, const at::Tenso
     return pack_cpu_impl(dw_weight, dw_bias, pw_weight, pw_bias, x.scalar_type(),
                          keep_depthwise ? "materialized" : "auto", std::vector<int64_t>{s.N, s.C, s.Ho, s.Wo});
   });
-  Operands o{s, x_nhwc, res_nhwc, out};
+  Operands o{s, x_nhwc, res_nhwc};
   o.keep_depthwise = keep_depthwise;
   o.header = check_packed_header(weights, kCpuFormat, s, product_dtype_for(x.scalar_type()), kCpuPackedLength);
   TORCH_CHECK_VALUE(static_cast<int64_t>(o.header.size()) == kCpuHeaderLength,

@@ -825,7 +825,8 @@ at::Tensor sepconv_cuda(const at::Tensor& x, const at::Tensor& dw_weight, const 
               " has ", props->major, ".", props->minor);
   // The ATen calls inside (layout copies, the per-call packing) compute in the dtypes chosen here.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  auto [x_nhwc, res_nhwc, out, memory_format] = nhwc_operands(x, s, residual);
+  auto [x_nhwc, res_nhwc, memory_format] = nhwc_operands(x, s, residual);
+  auto out = nhwc_output(x, s);
   if (out.numel() == 0) return out.contiguous(memory_format);
 
   std::vector<at::Tensor> own;
