@@ -1358,16 +1358,18 @@ at::Tensor onednn_pointwise(const at::Tensor& d, const at::Tensor& w, const at::
 // ran slower than eager's in a process with that allocator (README, CPU kernel).
 class DepthwiseScratch {
  public:
-  DepthwiseScratch() : leased_(!lent().exchange(true, std::memory_order_acquire)) {}
+  DepthwiseScratch() = default;
   ~DepthwiseScratch() {
     if (leased_) lent().store(false, std::memory_order_release);
   }
   DepthwiseScratch(const DepthwiseScratch&) = delete;
   DepthwiseScratch& operator=(const DepthwiseScratch&) = delete;
 
-  // Channels-last [N, C, Ho, Wo] in `options`' dtype, valid while this lease lives.
+  // Channels-last [N, C, Ho, Wo] in `options`' dtype, valid while this object lives: the buffer is
+  // lent from the first call to the object's end.
   at::Tensor tensor(const UnitShape& s, const at::TensorOptions& options) {
     const std::vector<int64_t> sizes{s.N, s.C, s.Ho, s.Wo};
+    if (!leased_) leased_ = !lent().exchange(true, std::memory_order_acquire);
     if (!leased_) return at::empty(sizes, options.memory_format(at::MemoryFormat::ChannelsLast));
     const int64_t needed = s.N * s.C * s.Ho * s.Wo * static_cast<int64_t>(options.dtype().itemsize());
     at::Tensor& bytes = buffer();
@@ -1387,7 +1389,7 @@ class DepthwiseScratch {
     static auto* bytes = new at::Tensor();  // never destroyed: no order to keep with libtorch's at exit
     return *bytes;
   }
-  const bool leased_;
+  bool leased_ = false;
 };
 
 template <typename scalar_t>
