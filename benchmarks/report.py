@@ -31,6 +31,13 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
+def _bf16_hardware():
+    """The CPU's bf16 multiply instructions, which oneDNN's bf16 kernels (eager's and the fused
+    op's) run on: AMX's tiles, AVX512-BF16's dot products, or neither (bf16 emulated in fp32)."""
+    return [name for name, present in (("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
+                                       ("AMX", torch.cpu._is_amx_tile_supported())) if present]
+
+
 def _slug(text):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -66,14 +73,19 @@ def environment(device, profile):
         name = torch.cuda.get_device_name(device)
         slug = _slug(name)
     else:
-        # The vector ISA ATen dispatches to: one model name covers CPUs with and without AVX-512
-        # (an "AMD EPYC" may be either), whose results differ.
+        # The vector ISA ATen dispatches to and what the CPU multiplies bf16 with: one model name
+        # covers CPUs with and without AVX-512 (an "AMD EPYC" may be either) and, among the AVX-512
+        # ones, CPUs with AMX, with AVX512-BF16 alone and with neither (an "Intel(R) Xeon(R)
+        # Processor" may be any of the three), whose results differ.
         isa = torch.backends.cpu.get_cpu_capability()
         # A run capped to a narrower instruction set than the CPU has is not that of a CPU without
         # the wider one: it says so, and goes to a file of its own.
         caps = " ".join(f"{k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k))
-        name = f"{_cpu_name()} ({isa}{', capped by ' + caps if caps else ''}, {torch.get_num_threads()} threads)"
-        slug = f"cpu-{_slug(_cpu_name())}-{_slug(isa)}{'-capped' if caps else ''}-{torch.get_num_threads()}t"
+        features = [isa] + ([] if caps else _bf16_hardware())
+        name = (f"{_cpu_name()} ({', '.join(features)}{', capped by ' + caps if caps else ''}, "
+                f"{torch.get_num_threads()} threads)")
+        slug = (f"cpu-{_slug(_cpu_name())}-{'-'.join(_slug(f.replace('AVX512-', '')) for f in features)}"
+                f"{'-capped' if caps else ''}-{torch.get_num_threads()}t")
     return {
         "device": name,
         "slug": slug if profile == "full" else f"{slug}-{profile}",

@@ -34,8 +34,9 @@ def run(tensors, unit, packed):
 
 UNITS = [(3, Unit(act_in="relu")), (5, Unit(stride=2, act_mid="relu6", act_out="relu")),
          (3, Unit(dilation=2, act_in="hardswish", act_out="relu6"))]
-STRATEGY_DTYPES = [("tiled", torch.float32)] + [("materialized", d) for d in
-                                                (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+STRATEGY_DTYPES = [("tiled", d) for d in (torch.float32, torch.bfloat16, torch.float16)] + [
+    ("materialized", d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+KEPT_STRATEGY_DTYPES = [("tiled", torch.float32), ("tiled", torch.bfloat16), ("materialized", torch.float32)]
 
 
 @pytest.mark.parametrize("strategy, dtype", STRATEGY_DTYPES, ids=[f"{s}-{d}" for s, d in STRATEGY_DTYPES])
@@ -69,7 +70,7 @@ def assert_keeps_its_depthwise_result(tensors, unit, packed, out):
     assert_exact(depthwise, expected, eager_depthwise(as_float64(tensors), unit), "kept depthwise result")
 
 
-@pytest.mark.parametrize("strategy, dtype", STRATEGY_DTYPES[:2], ids=[f"{s}-{d}" for s, d in STRATEGY_DTYPES[:2]])
+@pytest.mark.parametrize("strategy, dtype", KEPT_STRATEGY_DTYPES, ids=[f"{s}-{d}" for s, d in KEPT_STRATEGY_DTYPES])
 @pytest.mark.parametrize("n, size", [(1, 5), (3, 11)])
 def test_kept_depthwise_result_when_output_channels_split(strategy, dtype, n, size):
     """One tile of pixels whose output channels several threads share (batch 1, a small map, many
@@ -162,12 +163,31 @@ def test_materialized_calls_from_several_threads():
         assert all(torch.equal(o, want) for o in outs), i
 
 
+def cpu_flags():
+    """The CPU's feature flags as Linux names them, or None off x86 Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
 def test_the_rule():
-    """fp32 multiplies in the tiled product (its blocked sums); half precision and fp64 in the
-    materialized one."""
+    """fp32 multiplies in the tiled product (its blocked sums); fp64 in the materialized one; half
+    precision in the materialized one (oneDNN's convolution) where the CPU has instructions that
+    multiply in it (bf16: AVX512-BF16; fp16: AVX512-FP16), otherwise in the tiled one, in fp32 on
+    the rounded values, as /proc/cpuinfo's flags say."""
+    flags = cpu_flags()
+    if flags is None or "avx512f" not in flags and "avx2" not in flags:
+        pytest.skip("not an x86 CPU whose flags Linux lists: the half-precision rule is x86's")
     tensors, _ = make_inputs(1, 64, 128, 4, 4)
-    for dtype, strategy in ((torch.float32, "tiled"), (torch.bfloat16, "materialized"),
-                            (torch.float16, "materialized"), (torch.float64, "materialized")):
+    half = {dtype: "materialized" if flag in flags else "tiled"
+            for dtype, flag in ((torch.bfloat16, "avx512_bf16"), (torch.float16, "avx512_fp16"))}
+    for dtype, strategy in ((torch.float32, "tiled"), (torch.bfloat16, half[torch.bfloat16]),
+                            (torch.float16, half[torch.float16]), (torch.float64, "materialized")):
         packed = xception_fast.pack_weights("cpu", dtype, tensors["dw_weight"], None, tensors["pw_weight"], None)
         assert packed[0][5].item() == STRATEGIES[strategy], dtype
 
@@ -182,10 +202,13 @@ def test_keeping_the_depthwise_result_multiplies_materialized_when_weights_come_
     assert not torch.equal(kept, run(tensors, unit, None))  # the plain op's own choice, tiled, sums otherwise
 
 
-def test_tiled_is_refused_for_half_precision():
+def test_tiled_is_refused_for_float64_and_fp32_multiplied_in_bf16():
     tensors, _ = make_inputs(1, 8, 8, 4, 4)
     with pytest.raises(ValueError, match="strategy 'tiled' multiplies in fp32"):
-        pack(tensors, torch.bfloat16, "tiled")
+        pack(tensors, torch.float64, "tiled")
+    with fp32_convs_in("bf16"):
+        with pytest.raises(ValueError, match="strategy 'tiled' multiplies in fp32"):
+            pack(tensors, torch.float32, "tiled")
     with pytest.raises(ValueError, match="strategy must be 'auto', 'tiled' or 'materialized'"):
         pack(tensors, torch.float32, "fast")
 

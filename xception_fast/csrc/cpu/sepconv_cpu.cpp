@@ -6,7 +6,8 @@
 // Two strategies for the pointwise product, chosen per unit when the weights are packed
 // (choose_strategy says which and why):
 //
-// - tiled (fp32): each thread takes tiles of output pixels (NHWC rows). A tile's depthwise result
+// - tiled (fp32; bf16 and fp16 where the CPU has no instructions of their own to multiply them in,
+//   choose_strategy): each thread takes tiles of output pixels (NHWC rows). A tile's depthwise result
 //   is computed into a buffer that stays in the core's cache and multiplied by the packed
 //   pointwise weights with oneDNN's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm:
 //   AVX2 or AVX-512, picked at run time), one block of output channels at a time, stored straight
@@ -21,7 +22,8 @@
 //
 // Half-precision x: the depthwise result is rounded to x's dtype (where eager's separate depthwise
 // conv rounds it), the product multiplies in that dtype with fp32 accumulation (AMX or AVX512-BF16
-// where the CPU has them: oneDNN picks), the epilogue is fp32 and the output is rounded once. fp32
+// where the CPU has them: oneDNN picks; fp32 FMAs on the widened values otherwise, exact products
+// either way), the epilogue is fp32 and the output is rounded once. fp32
 // x multiplies in fp32, or in bf16 where PyTorch's setting for oneDNN convolutions allows it
 // (torch.backends.mkldnn.conv.fp32_precision = "bf16"), as nn.Conv2d does.
 #include <unistd.h>
@@ -78,6 +80,22 @@ inline c10::BFloat16 elem_cast<c10::BFloat16, float>(float f) {
   std::memcpy(&bits, &f, sizeof(bits));
   const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
+// A float holding a value rounded to half_t (bfloat16, float16): the tiled product's depthwise rows
+// for half-precision x on a CPU without that dtype's multiply instructions (choose_strategy), rounded
+// where eager's depthwise conv rounds its result and kept widened for the fp32 product.
+template <typename half_t>
+struct RoundedFloat {
+  float value;
+};
+template <>
+inline RoundedFloat<c10::BFloat16> elem_cast<RoundedFloat<c10::BFloat16>, float>(float f) {
+  return {elem_cast<float>(elem_cast<c10::BFloat16>(f))};
+}
+template <>
+inline RoundedFloat<c10::Half> elem_cast<RoundedFloat<c10::Half>, float>(float f) {
+  return {static_cast<float>(static_cast<c10::Half>(f))};
 }
 
 // The inner loops work on one vector of channels at a time, as wide as the instruction set they are
@@ -182,6 +200,13 @@ inline __attribute__((always_inline)) void store_vector(dst_t* dst, const vec_of
   } else if constexpr (std::is_same_v<dst_t, c10::Half>) {
     const auto h = __builtin_convertvector(v, vector_t<_Float16, VB / 2>);
     std::memcpy(dst, &h, sizeof(h));
+  } else if constexpr (std::is_same_v<dst_t, RoundedFloat<c10::BFloat16>>) {
+    const auto widened = __builtin_convertvector(bf16_bits<VB>(v), vector_t<uint32_t, VB>) << 16;
+    std::memcpy(dst, &widened, sizeof(widened));
+  } else if constexpr (std::is_same_v<dst_t, RoundedFloat<c10::Half>>) {
+    const auto widened =
+        __builtin_convertvector(__builtin_convertvector(v, vector_t<_Float16, VB / 2>), vec_of<float, VB>);
+    std::memcpy(dst, &widened, sizeof(widened));
   } else {
     static_assert(std::is_same_v<dst_t, acc_t>, "no such conversion");
     std::memcpy(dst, &v, sizeof(v));
@@ -343,8 +368,8 @@ inline __attribute__((always_inline)) V apply_in_act(V v, const Activation<acc_t
 template <typename scalar_t, typename acc_t>
 struct DepthwiseArgs {
   const scalar_t* x;       // NHWC [N][H][W][C]
-  // [k * k][C] and [C], in channel order; for bfloat16 x into a bfloat16 result, reordered within
-  // each whole pair of vectors of channels as the loops read them (tap_pairs_for, pack_cpu_impl).
+  // [k * k][C] and [C], in channel order; for bfloat16 x, reordered within each whole pair of
+  // vectors of channels as the loops read them (tap_pairs_for, pack_cpu_impl).
   const acc_t* taps;
   const acc_t* bias;
   int64_t N, C, H, W, Ho, Wo, k, stride, padding, dilation;
@@ -379,13 +404,15 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
   const Activation<acc_t> in = a.act_in, mid = a.act_mid;
   const acc_t* __restrict__ taps = a.taps;
   const acc_t* __restrict__ dw_bias = a.bias;
-  // bfloat16 x into a bfloat16 result (materialized): the channels two vectors at a time
-  // (widen_bf16_pairs), their taps and bias packed in the same order, the even channels of each
-  // pair of vectors first; the channels past the last whole pair take the loops below, their taps
-  // in channel order.
-  constexpr bool kPairs = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<dst_t, c10::BFloat16>;
+  // bfloat16 x: the channels two vectors at a time (widen_bf16_pairs), their taps and bias packed
+  // in the same order, the even channels of each pair of vectors first; the channels past the last
+  // whole pair take the loops below, their taps in channel order. A bfloat16 result (materialized)
+  // is stored in channel order; the tiled product's rows keep the pairs' order, which the pointwise
+  // weight's input channels are packed in (pack_cpu_impl).
+  constexpr bool kPairs = std::is_same_v<scalar_t, c10::BFloat16>;
+  constexpr bool kPairsInterleaved = std::is_same_v<dst_t, c10::BFloat16>;
   const int64_t paired = kPairs ? C / (2 * lanes) * (2 * lanes) : 0;
-  const bool stream = kPairs && a.stream;
+  const bool stream = kPairsInterleaved && a.stream;
   // The lambdas are inlined by force: out of line they would be compiled outside the entry point's
   // AVX-512 / AVX2 build (for_this_cpu), for the baseline instruction set.
   auto finish = [&](auto v) __attribute__((always_inline)) { return mid(v); };
@@ -404,9 +431,12 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
   // P vectors of the result, their sums plus the bias, to dst.
   auto store_result = [&](dst_t* dst, const auto& acc, const auto& bias) __attribute__((always_inline)) {
     constexpr int64_t P = std::extent_v<std::remove_reference_t<decltype(acc)>>;
-    if constexpr (P == 2) {
+    if constexpr (P == 2 && kPairsInterleaved) {
       store_bf16_pairs<VB>(dst, finish(acc[0] + bias[0]), finish(acc[1] + bias[1]), stream,
                            std::make_index_sequence<2 * lanes>{});
+    } else if constexpr (P == 2) {
+      store_vector<dst_t, acc_t, VB>(dst, finish(acc[0] + bias[0]));
+      store_vector<dst_t, acc_t, VB>(dst + lanes, finish(acc[1] + bias[1]));
     } else {
       store_vector<dst_t, acc_t, VB>(dst, finish(acc[0] + bias[0]));
     }
@@ -595,9 +625,11 @@ inline __attribute__((always_inline)) void depthwise_rows_impl(const DepthwiseAr
 }
 
 // (x dtype, depthwise destination dtype, accumulator dtype): the depthwise result goes to memory in
-// x's dtype (materialized), or to the fp32 tiles (tiled, fp32 x).
-#define XF_FOR_EACH_DEPTHWISE(X) \
-  X(float, float, float) X(double, double, double) X(c10::BFloat16, c10::BFloat16, float) X(c10::Half, c10::Half, float)
+// x's dtype (materialized), or to the fp32 tiles (tiled), rounded to x's dtype for half precision.
+#define XF_FOR_EACH_DEPTHWISE(X)                                                                                \
+  X(float, float, float) X(double, double, double) X(c10::BFloat16, c10::BFloat16, float)                       \
+  X(c10::Half, c10::Half, float) X(c10::BFloat16, RoundedFloat<c10::BFloat16>, float)                           \
+  X(c10::Half, RoundedFloat<c10::Half>, float)
 
 template <int VB, typename scalar_t, typename dst_t, typename acc_t, InAct IA>
 inline __attribute__((always_inline)) void depthwise_rows_for_act(const DepthwiseArgs<scalar_t, acc_t>& a,
@@ -782,36 +814,39 @@ XF_FOR_EACH_DTYPE(XF_DEPTHWISE_BACKWARD_ROWS)
 #undef XF_DEPTHWISE_BACKWARD_ROWS
 
 // ----------------------------------------------------------------------------------------------
-// Epilogue: out = act_out(out + bias) + residual in place, on the block of the output that the
-// product has just stored (still in the core's cache), in fp32.
+// Epilogue: out = act_out(sums + bias) + residual, in fp32, on the block of sums that the product
+// has just stored (still in the core's cache), rounded once to the output's dtype. fp32 output:
+// the sums are the output's block itself (in place).
 
-template <int VB>
-inline __attribute__((always_inline)) void epilogue_in_place_impl(float* out, int64_t ld_out, int64_t rows,
-                                                                  int64_t cols, const float* bias, Act act_out,
-                                                                  const float* residual) {
+template <int VB, typename out_t>
+inline __attribute__((always_inline)) void epilogue_impl(const float* sums, int64_t ld_sums, out_t* out,
+                                                         int64_t ld_out, int64_t rows, int64_t cols,
+                                                         const float* bias, Act act_out, const out_t* residual) {
   using vec_t = vec_of<float, VB>;
   constexpr int64_t lanes = kLanes<float, VB>;
   const Activation<float> act(act_out);
   for (int64_t r = 0; r < rows; ++r) {
-    float* o = out + r * ld_out;
-    const float* res = residual ? residual + r * ld_out : nullptr;
+    const float* in = sums + r * ld_sums;
+    out_t* o = out + r * ld_out;
+    const out_t* res = residual ? residual + r * ld_out : nullptr;
     int64_t j = 0;
     for (; j + lanes <= cols; j += lanes) {
-      vec_t v = act(load_vector<float, VB>(o + j) + load_vector<float, VB>(bias + j));
+      vec_t v = act(load_vector<float, VB>(in + j) + load_vector<float, VB>(bias + j));
       if (res) v += load_vector<float, VB>(res + j);
-      store_vector<float, float, VB>(o + j, v);
+      store_vector<out_t, float, VB>(o + j, v);
     }
     for (; j < cols; ++j) {
-      const float v = act(o[j] + bias[j]);
-      o[j] = res ? v + res[j] : v;
+      const float v = act(in[j] + bias[j]);
+      o[j] = elem_cast<out_t>(res ? v + elem_cast<float>(res[j]) : v);
     }
   }
 }
 
-void epilogue_in_place(float* out, int64_t ld_out, int64_t rows, int64_t cols, const float* bias, Act act_out,
-                       const float* residual) {
+template <typename out_t>
+void epilogue(const float* sums, int64_t ld_sums, out_t* out, int64_t ld_out, int64_t rows, int64_t cols,
+              const float* bias, Act act_out, const out_t* residual) {
   for_this_cpu([&](auto vb) __attribute__((always_inline)) {
-    epilogue_in_place_impl<decltype(vb)::value>(out, ld_out, rows, cols, bias, act_out, residual);
+    epilogue_impl<decltype(vb)::value>(sums, ld_sums, out, ld_out, rows, cols, bias, act_out, residual);
   });
 }
 
@@ -1007,6 +1042,22 @@ at::ScalarType product_dtype_for(at::ScalarType dtype) {
   return dtype;
 }
 
+// Whether the CPU multiplies half-precision `dtype` in instructions of its own, which oneDNN's
+// kernels use: bfloat16 pairs' dot products (AVX512-BF16; every CPU with AMX has it too), float16
+// arithmetic (AVX512-FP16, likewise). Without them oneDNN's convolution widens each operand to fp32
+// and multiplies in fp32 (bf16 on AVX-512), or ATen's convolution does the same element by element.
+bool cpu_multiplies_in(at::ScalarType dtype) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool bf16 = kCpuHasAvx512Bf16, fp16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512fp16") != 0;
+  }();
+  return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf ? fp16 : false;
+#else
+  return true;
+#endif
+}
+
 // The strategy for a unit (see the top of the file).
 //
 // fp32: tiled. Its blocked sums (run_tiled) keep each unit's rounding error well under eager's,
@@ -1015,23 +1066,29 @@ at::ScalarType product_dtype_for(at::ScalarType dtype) {
 // exactness rule's bound. The materialized product's one large oneDNN GEMM runs a little faster
 // on the units whose arithmetic dwarfs their memory traffic (README, CPU kernel, gives the
 // measurements), not by enough to trade exactness for.
-// Half precision (bf16, fp16; fp32 under the bf16 precision setting): materialized, always. The
-// output's rounding dwarfs the sums' order, the intermediate has half the bytes, and oneDNN's
-// convolution converts its fp32 accumulators inside its kernel, where brgemm's come out in fp32
-// to be converted per block: a tiled bf16 product (AMX brgemm, VNNI-packed weights) measured
-// slower than the materialized one on nearly every unit (README, CPU kernel).
+// Half precision (bf16, fp16) on a CPU that multiplies in it, and fp32 under the bf16 precision
+// setting: materialized. The output's rounding dwarfs the sums' order, the intermediate has half
+// the bytes, and oneDNN's convolution converts its fp32 accumulators inside its kernel, where
+// brgemm's come out in fp32 to be converted per block: a tiled bf16 product (AMX brgemm,
+// VNNI-packed weights) measured slower than the materialized one on nearly every unit (README,
+// CPU kernel).
+// Half precision on a CPU without those instructions: tiled, in fp32 on the depthwise result
+// rounded to x's dtype and the weight rounded to it, widened. A product of two half-precision
+// values is exact in fp32, so that is the arithmetic of a half-precision product with fp32 sums,
+// the one eager's convolution runs there too, less the intermediate's round trip through memory.
 Strategy choose_strategy(at::ScalarType x_dtype, at::ScalarType product_dtype) {
-  if (!kHasBrgemm || x_dtype == at::kDouble || product_dtype != at::kFloat) return kMaterialized;
-  return kTiled;
+  if (!kHasBrgemm || x_dtype == at::kDouble) return kMaterialized;
+  if (product_dtype == at::kFloat) return kTiled;
+  return product_dtype == x_dtype && !cpu_multiplies_in(x_dtype) ? kTiled : kMaterialized;
 }
 
 Strategy parse_strategy(c10::string_view name, at::ScalarType x_dtype, at::ScalarType product_dtype) {
   if (name == "auto") return choose_strategy(x_dtype, product_dtype);
   if (name == "tiled") {
-    TORCH_CHECK_VALUE(kHasBrgemm && x_dtype == at::kFloat && product_dtype == at::kFloat,
+    TORCH_CHECK_VALUE(kHasBrgemm && x_dtype != at::kDouble && product_dtype == x_dtype,
                       "pack_cpu: strategy 'tiled' multiplies in fp32 with cpublas::brgemm: it needs a torch built "
-                      "with oneDNN and float32 x (without the bf16 precision setting), got ", x_dtype,
-                      " x multiplied in ", product_dtype);
+                      "with oneDNN and float32 x (without the bf16 precision setting), bfloat16 x or float16 x, got ",
+                      x_dtype, " x multiplied in ", product_dtype);
     return kTiled;
   }
   TORCH_CHECK_VALUE(name == "materialized", "pack_cpu: strategy must be 'auto', 'tiled' or 'materialized', got '",
@@ -1154,7 +1211,10 @@ std::vector<at::Tensor> pack_cpu_impl(const at::Tensor& dw_weight, const std::op
     h[kBlockWidth] = block;
     h[kDepth] = C;
     h[kSumDepth] = kFp32SumDepth;
-    pointwise = pointwise_blocks(w.to(at::kFloat).contiguous(), block);
+    // Half-precision x: the weight rounded to x's dtype, as eager's convolution takes it, and its
+    // input channels in the order of the depthwise rows' bfloat16 pairs (depthwise_rows_impl).
+    const auto rounded = x_dtype == at::kFloat ? w : w.to(x_dtype);
+    pointwise = pointwise_blocks(in_pairs_order(rounded.to(at::kFloat).contiguous(), h[kTapPairs]), block);
     pw_b = at::zeros({blocks * block}, opts.dtype(at::kFloat));
     if (pw_bias.has_value()) pw_b.narrow(0, 0, Cout).copy_(*pw_bias);
   } else {
@@ -1256,59 +1316,86 @@ TilePlan plan_tiles(int64_t M, int64_t depth, int64_t operand_size, int64_t bloc
   return p;
 }
 
-// fp32 x: the tiles' depthwise rows and the product's accumulators are fp32.
+// A tile's depthwise rows, [rows][C] in fp32 (their bfloat16 pairs' order, pair channels a pair,
+// for bfloat16 x), into the kept depthwise result's rows in x's dtype and channel order: the values
+// are x's dtype's already (RoundedFloat), so the conversion is exact.
+template <typename scalar_t>
+void store_kept_rows(const float* rows_src, int64_t rows, int64_t C, int64_t pair, scalar_t* kept) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::copy_n(rows_src, rows * C, kept);
+  } else {
+    const int64_t paired = pair > 0 ? C / pair * pair : 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t j = c % std::max<int64_t>(pair, 1);
+        const int64_t from = c < paired ? c - j + j % 2 * (pair / 2) + j / 2 : c;
+        kept[r * C + c] = static_cast<scalar_t>(rows_src[r * C + from]);
+      }
+    }
+  }
+}
+
+// fp32 x: the tiles' depthwise rows and the product's sums are fp32, and each block of the output
+// is its own sums. Half-precision x (choose_strategy): the rows rounded to x's dtype, kept widened,
+// multiplied in fp32 by the rounded weight; the sums go to a block of the thread's own, which the
+// epilogue rounds into the output.
+template <typename scalar_t>
 void run_tiled(Operands& o) {
+  constexpr bool kFloatOut = std::is_same_v<scalar_t, float>;
+  using row_t = std::conditional_t<kFloatOut, float, RoundedFloat<scalar_t>>;
   const auto& s = o.s;
   const int64_t M = s.N * s.Ho * s.Wo;
   const int64_t block = o.header[kBlockWidth], depth = o.header[kDepth], sum_depth = o.header[kSumDepth];
   const int64_t blocks = (s.Cout + block - 1) / block;
   const TilePlan plan = plan_tiles(M, depth, sizeof(float), blocks);
-  const auto dw = depthwise_args<float, float, float>(o);
+  const auto dw = depthwise_args<scalar_t, row_t, float>(o);
   const InAct in_act = in_act_kind(s.act_in);
   const float* pointwise = o.pointwise.const_data_ptr<float>();
   const float* bias = o.pw_bias.const_data_ptr<float>();
-  const float* residual = o.residual.defined() ? o.residual.const_data_ptr<float>() : nullptr;
+  const scalar_t* residual = o.residual.defined() ? o.residual.const_data_ptr<scalar_t>() : nullptr;
   o.out = nhwc_output(o.x, s);
-  float* out = o.out.mutable_data_ptr<float>();
-  float* kept = nullptr;
+  scalar_t* out = o.out.mutable_data_ptr<scalar_t>();
+  scalar_t* kept = nullptr;
   if (o.keep_depthwise) {
     TORCH_INTERNAL_ASSERT(depth == s.C, "the tiles' depthwise rows are [rows][C]");
     o.depthwise = at::empty({s.N, s.C, s.Ho, s.Wo}, o.x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    kept = o.depthwise.mutable_data_ptr<float>();
+    kept = o.depthwise.mutable_data_ptr<scalar_t>();
   }
 
   at::parallel_for(0, plan.tiles * plan.groups, 1, [&](int64_t item_begin, int64_t item_end) {
     std::vector<float> a(static_cast<size_t>(plan.max_rows() * depth));
+    std::vector<float> sums(kFloatOut ? 0 : static_cast<size_t>(plan.max_rows() * block));
     int64_t rows_of = -1;  // the tile whose depthwise rows `a` holds
     for (int64_t item = item_begin; item < item_end; ++item) {
       const int64_t tile = item / plan.groups, group = item % plan.groups;
       const int64_t p0 = plan.first_row(tile), rows = plan.first_row(tile + 1) - p0;
       if (tile != rows_of) {
-        depthwise_rows(dw, in_act, p0, p0 + rows, a.data(), depth);
+        depthwise_rows(dw, in_act, p0, p0 + rows, reinterpret_cast<row_t*>(a.data()), depth);
         rows_of = tile;
       }
       // The tile's rows are the kept result's rows p0.. (both [pixel][C]): one copy per tile, by
       // the thread that takes its first group of output channels.
-      if (kept != nullptr && group == 0) std::copy_n(a.data(), rows * depth, kept + p0 * depth);
+      if (kept != nullptr && group == 0) store_kept_rows(a.data(), rows, depth, o.header[kTapPairs], kept + p0 * depth);
       const int64_t b_end = std::min(blocks, (group + 1) * plan.blocks_per_group);
       for (int64_t b = group * plan.blocks_per_group; b < b_end; ++b) {
         const int64_t co0 = b * block, cols = std::min(block, s.Cout - co0);
         const float* w = pointwise + b * depth * block;
-        float* dst = out + p0 * s.Cout + co0;
+        scalar_t* dst = out + p0 * s.Cout + co0;
+        float* c = kFloatOut ? reinterpret_cast<float*>(dst) : sums.data();
+        const int64_t ldc = kFloatOut ? s.Cout : block;
         // The product over K in chunks of sum_depth, each chunk's sums added to the tile's:
         // rounding error then grows with sum_depth + K / sum_depth rather than with K (brgemm's,
         // and oneDNN's convolution's, running sum over K). brgemm with add_C sums a chunk in its
         // registers from zero and adds C to it at the store (oneDNN's beta = 1), which is that
-        // blocked sum with no buffer of partial sums. C is the output itself, so the epilogue
-        // then finds the block in cache and the output is written from the product's stores.
-        at::native::cpublas::brgemm(rows, cols, std::min(sum_depth, depth), depth, block, s.Cout, false, a.data(), w,
-                                    dst);
+        // blocked sum with no buffer of partial sums. For fp32 C is the output itself, so the
+        // epilogue then finds the block in cache and the output is written from the product's stores.
+        at::native::cpublas::brgemm(rows, cols, std::min(sum_depth, depth), depth, block, ldc, false, a.data(), w, c);
         for (int64_t k0 = sum_depth; k0 < depth; k0 += sum_depth) {
-          at::native::cpublas::brgemm(rows, cols, std::min(sum_depth, depth - k0), depth, block, s.Cout, true,
-                                      a.data() + k0, w + k0 * block, dst);
+          at::native::cpublas::brgemm(rows, cols, std::min(sum_depth, depth - k0), depth, block, ldc, true,
+                                      a.data() + k0, w + k0 * block, c);
         }
-        epilogue_in_place(dst, s.Cout, rows, cols, bias + co0, s.act_out,
-                          residual ? residual + p0 * s.Cout + co0 : nullptr);
+        epilogue(c, ldc, dst, s.Cout, rows, cols, bias + co0, s.act_out,
+                 residual ? residual + p0 * s.Cout + co0 : nullptr);
       }
     }
   });
@@ -1495,16 +1582,16 @@ std::tuple<at::Tensor, at::Tensor> run_unit(const at::Tensor& x, const at::Tenso
       run_materialized<scalar_t>(o);
       return;
     }
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK_VALUE(false, "sepconv: packed weights for the tiled product run float32, bfloat16 or float16 x, "
+                        "got ", x.scalar_type());
+    } else {
       const int64_t blocks = (s.Cout + o.header[kBlockWidth] - 1) / o.header[kBlockWidth];
       TORCH_CHECK_VALUE(o.pointwise.scalar_type() == at::kFloat && o.pointwise.is_contiguous() &&
                             o.pointwise.numel() == blocks * o.header[kDepth] * o.header[kBlockWidth] &&
                             o.pw_bias.numel() == blocks * o.header[kBlockWidth],
                         "sepconv: packed weights do not hold this unit's pointwise blocks");
-      run_tiled(o);
-    } else {
-      TORCH_CHECK_VALUE(false, "sepconv: packed weights for the tiled product run float32 x only, got ",
-                        x.scalar_type());
+      run_tiled<scalar_t>(o);
     }
   });
   return {o.out.contiguous(memory_format), o.depthwise};
