@@ -42,7 +42,8 @@ def test_gradcheck_float64(k, unit, residual, keeps_depthwise):
 def grads(fn, tensors, unit, seed=1):
     leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items() if v is not None}
     out = fn({k: leaves.get(k) for k in TENSOR_NAMES}, unit)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    # The gradient at the output in the output's memory format, as a layer after it would give it.
+    weight = torch.empty_like(out).copy_(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)))
     (out * weight).sum().backward()
     return {k: v.grad for k, v in leaves.items()}
 
@@ -68,23 +69,30 @@ GRADIENT_UNITS = [
 ]
 
 
+# Both memory formats: on a CPU the pointwise conv's backward is GEMMs over channels-last rows and
+# eager's convolution backward otherwise (registration.pointwise_backward).
+LAYOUTS = ["channels_last", "nchw"]
+
+
 @pytest.mark.parametrize("backend", ALL, ids=str)
 @pytest.mark.parametrize("k, unit", GRADIENT_UNITS, ids=[f"k{k}-{u}" for k, u in GRADIENT_UNITS])
 @pytest.mark.parametrize("residual", [False, True])
-def test_gradients_match_eager(backend, k, unit, residual):
-    assert_gradients_match_eager(backend, k, unit, residual, recompute_depthwise=False)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradients_match_eager(backend, k, unit, residual, layout):
+    assert_gradients_match_eager(backend, k, unit, residual, layout, recompute_depthwise=False)
 
 
 @pytest.mark.parametrize("k, unit", GRADIENT_UNITS, ids=[f"k{k}-{u}" for k, u in GRADIENT_UNITS])
 @pytest.mark.parametrize("residual", [False, True])
-def test_cpu_gradients_recomputing_the_depthwise_result_match_eager(k, unit, residual):
-    assert_gradients_match_eager(CPU, k, unit, residual, recompute_depthwise=True)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_gradients_recomputing_the_depthwise_result_match_eager(k, unit, residual, layout):
+    assert_gradients_match_eager(CPU, k, unit, residual, layout, recompute_depthwise=True)
 
 
-def assert_gradients_match_eager(backend, k, unit, residual, recompute_depthwise):
+def assert_gradients_match_eager(backend, k, unit, residual, layout, recompute_depthwise):
     for dtype in (d for d in backend.dtypes if d != torch.float64):
         tensors, unit_ = make_inputs(3, 24, 16, 7, 6, k=k, unit=unit, dtype=dtype, device=backend.device,
-                                     layout="channels_last", dw_bias=True, residual=residual, seed=3)
+                                     layout=layout, dw_bias=True, residual=residual, seed=3)
         reference = grads(eager, {k_: None if v is None else v.cpu().double() for k_, v in tensors.items()}, unit_)
         eager_grads = grads(eager, tensors, unit_)
         got = grads(fused(backend, recompute_depthwise), tensors, unit_)

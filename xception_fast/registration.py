@@ -6,9 +6,10 @@ steps instead of keeping it, which is where training through the fused op saves 
 ``sepconv_keeping_depthwise`` (CPU) returns the depthwise result as well, and its backward takes that
 instead, where a training step would rather spend the memory than a depthwise conv per unit. When
 act_out is not the identity, the pre-activation of the output is recomputed through the fused op
-itself, so that the activation's mask is the one the forward applied. The pointwise conv's
-backward is eager's; the depthwise conv's is the extension's on a CPU (act_in's derivative and
-act_in(x) applied as x is read, so act_in(x) is never made) and eager's elsewhere.
+itself, so that the activation's mask is the one the forward applied. On a CPU the pointwise
+conv's backward is two GEMMs (pointwise_backward) and the depthwise conv's the extension's
+(act_in's derivative and act_in(x) applied as x is read, so act_in(x) is never made); elsewhere
+both are eager's.
 """
 import torch
 
@@ -30,6 +31,31 @@ def activation_backward(grad, pre, name):
     if name == "hardswish":
         return _aten.hardswish_backward(grad, pre)
     raise ValueError(f"unknown activation {name!r}")
+
+
+def pointwise_backward(grad, d, pw_weight, need_d, need_weight):
+    """The gradients of the pointwise (1x1) conv ``pw_weight`` at its input ``d`` and at its weight
+    from ``grad`` at its output, each None where not needed. On a CPU, for channels-last float32
+    tensors, as two matrix products over the pixels' rows, ``at::mm``'s GEMM: oneDNN's 1x1
+    convolution backward, eager's, computes the weight's gradient markedly slower than a GEMM of the
+    same multiply-adds (README, CPU kernel). Elsewhere eager's convolution backward."""
+    channels_last = torch.channels_last
+    if not (grad.device.type == "cpu" and grad.dtype == torch.float32 and d.dtype == torch.float32
+            and grad.is_contiguous(memory_format=channels_last) and d.is_contiguous(memory_format=channels_last)):
+        grad_d, grad_weight, _ = _conv_backward(grad, d, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                [need_d, need_weight, False])
+        return grad_d, grad_weight
+    n, out_channels, h, w = grad.shape
+    channels = d.shape[1]
+    grad_rows = grad.permute(0, 2, 3, 1).reshape(-1, out_channels)
+    grad_d = grad_weight = None
+    if need_d:
+        grad_d = torch.mm(grad_rows, pw_weight.reshape(out_channels, channels)).view(n, h, w, channels)
+        grad_d = grad_d.permute(0, 3, 1, 2)
+    if need_weight:
+        d_rows = d.permute(0, 2, 3, 1).reshape(-1, channels)
+        grad_weight = torch.mm(grad_rows.t(), d_rows).view(out_channels, channels, 1, 1)
+    return grad_d, grad_weight
 
 
 def register_autograd(op_name, forward_op, keeps_depthwise=False):
@@ -90,8 +116,7 @@ def register_autograd(op_name, forward_op, keeps_depthwise=False):
                            "identity", None)
             g = activation_backward(grad, z, act_out)
         need_depthwise = need_x or need_dw or need_dw_bias
-        grad_d, grad_pw, _ = _conv_backward(g, d, pw, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                                            [need_depthwise, need_pw, False])
+        grad_d, grad_pw = pointwise_backward(g, d, pw, need_depthwise, need_pw)
         grad_x = grad_dw = grad_dw_bias = None
         if need_depthwise:
             grad_pre = activation_backward(grad_d, pre_d, act_mid)
