@@ -805,17 +805,32 @@ def test_torch_compile_keeps_folded_convs_until_a_weight_changes(mobilenet, monk
     assert len(reorders) == 2 * len(report.folded)
 
 
+def _widened(fused, names):
+    """How many of the folded convs ``names`` of ``fused`` run in fp32 under bf16 on channels-last
+    x (FusedConv2dBN._widens_bf16)."""
+    modules = dict(fused.named_modules())
+    return sum(modules[name]._widens_bf16(torch.empty(1, modules[name].in_channels, 8, 8).contiguous(
+        memory_format=torch.channels_last), torch.bfloat16, ()) for name in names)
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-@pytest.mark.parametrize("autocast, onednn_bf16", [(False, None), (True, None), (True, False)],
-                         ids=["fp32", "bf16-autocast", "bf16-autocast-on-a-cpu-without-onednn-bf16"])
-def test_folded_convs_keep_onednn_weights_until_a_weight_changes(mobilenet, monkeypatch, autocast, onednn_bf16):
+@pytest.mark.parametrize("autocast, onednn_bf16, cpu_bf16",
+                         [(False, None, None), (True, None, None), (True, True, True), (True, True, False),
+                          (True, False, False)],
+                         ids=["fp32", "bf16-autocast", "bf16-autocast-on-a-cpu-with-bf16-instructions",
+                              "bf16-autocast-on-an-avx512-cpu-without-them", "bf16-autocast-on-an-avx2-cpu"])
+def test_folded_convs_keep_onednn_weights_until_a_weight_changes(mobilenet, monkeypatch, autocast, onednn_bf16,
+                                                                 cpu_bf16):
     """Channels-last folded convs run as oneDNN's convolution with post-ops, in fp32 as under bf16
-    autocast, on the weight reordered once per weight version; in bf16 only where oneDNN has bf16
-    on this CPU (not on AVX2 ones, where its ops refuse it): elsewhere, as there, they run exactly
-    without it."""
+    autocast, on the weight reordered once per weight version. Under bf16: in bf16 where the CPU
+    has bf16 instructions; on one without them, in fp32 on bf16-rounded operands where the conv
+    has the arithmetic for it (FusedConv2dBN._widens_bf16), otherwise in bf16 where oneDNN has
+    bf16 on the CPU (not on AVX2 ones, where its ops refuse it) and elsewhere, as there, exactly
+    without oneDNN."""
     if onednn_bf16 is not None:
         monkeypatch.setattr(fusion, "_ONEDNN_BF16", onednn_bf16)
-    in_onednn = not autocast or fusion._ONEDNN_BF16
+    if cpu_bf16 is not None:
+        monkeypatch.setattr(fusion, "_CPU_MULTIPLIES_BF16", cpu_bf16)
     fused, report = fuse(mobilenet)
     reorders = _count_reorders(monkeypatch)
     x = randn(1, 3, 45, 39, seed=43).contiguous(memory_format=torch.channels_last)
@@ -826,7 +841,12 @@ def test_folded_convs_keep_onednn_weights_until_a_weight_changes(mobilenet, monk
             got, expected = logits(fused, x), logits(eager, x)
         assert_exact(got.float(), expected.float(), ref if eager is mobilenet else reference(eager, x), what)
 
-    folded = len(report.folded) if in_onednn else 0
+    widened = _widened(fused, report.folded) if autocast else 0
+    if cpu_bf16 is False:
+        assert 0 < widened < len(report.folded), "the model has folded convs of both kinds"
+    if cpu_bf16 is True:
+        assert widened == 0
+    folded = len(report.folded) if not autocast or fusion._ONEDNN_BF16 else widened
     check(mobilenet, "first call")
     assert len(reorders) == folded, "each folded conv reorders its weight once"
     check(mobilenet, "again")
@@ -845,6 +865,34 @@ def test_folded_convs_keep_onednn_weights_until_a_weight_changes(mobilenet, monk
         finally:
             conv.fp32_precision = saved
         assert len(reorders) == 3 * len(report.folded), "a new setting, a new reorder"
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_folded_bf16_conv_in_fp32_is_the_bf16_operands_exact_result_rounded_once(mobilenet, monkeypatch, x_dtype):
+    """On a CPU without bf16 instructions, a folded conv with the arithmetic for it runs under bf16
+    autocast in fp32 (FusedConv2dBN._widens_bf16): each output is the exact result of x and the
+    folded weight rounded to bf16, plus the float32 folded bias, through the activation, rounded
+    once to bf16 (within a bf16 ulp, the fp32 sums' error aside). x comes in bf16 from a previous
+    layer, or in fp32 (the stem's image), which the conv rounds as eager's would. A conv with
+    little arithmetic per element keeps the bf16 convolution."""
+    monkeypatch.setattr(fusion, "_CPU_MULTIPLIES_BF16", False)
+    fused, _ = fuse(mobilenet)
+    shallow, block = fused.blocks[1][0].conv_pw, fused.blocks[2][0]  # 16 -> 96 and 24 -> 144 channels
+    conv, bn = block.conv_pw, block.bn1
+    x = randn(2, 24, 13, 11, seed=46).to(x_dtype).contiguous(memory_format=torch.channels_last)
+    assert conv._widens_bf16(x, torch.bfloat16, ())
+    assert not shallow._widens_bf16(x[:, :16], torch.bfloat16, ())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = conv(x, bn=bn)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    weight, bias = xception_fast.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    x64, w64 = x.to(torch.bfloat16).double(), weight.to(torch.bfloat16).double()
+    expected = (torch.nn.functional.conv2d(x64, w64) + bias.double().reshape(-1, 1, 1)).clamp(0, 6)
+    magnitude = torch.nn.functional.conv2d(x64.abs(), w64.abs()) + bias.double().abs().reshape(-1, 1, 1)
+    ulp = torch.exp2(torch.floor(torch.log2(expected.abs().clamp_min(2.0 ** -100))) - 7)
+    excess = (got.double() - expected).abs() - ulp - 2.0 ** -18 * magnitude
+    assert excess.max() <= 0, f"off the bf16 operands' exact result by more than an ulp: {excess.max():.3g}"
 
 
 def test_opcheck_of_the_op_torch_compile_calls(mobilenet):

@@ -88,6 +88,19 @@ _DROP_PATH = tuple(c for c in (_optional_class("timm.layers.drop", "DropPath"),
 # AVX-NE-CONVERT, and refuses bf16 elsewhere (AVX2 CPUs), where eager's convolution runs ATen's own.
 _ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
+# Whether this CPU multiplies bfloat16 in instructions of its own (AVX512-BF16; every CPU with AMX
+# has it too), as oneDNN's bf16 convolutions then do. Without them oneDNN's bf16 convolution widens
+# its operands to fp32 inside its kernel and runs several times slower than its fp32 one (README,
+# "Folded convs in bf16"), and ATen's (AVX2 CPUs) slower still: a folded conv with enough arithmetic
+# then runs in fp32 on its operands rounded to bf16 (FusedConv2dBN._widens_bf16).
+_CPU_MULTIPLIES_BF16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)()
+
+# The least multiply-adds per element read and written (x's and the result's, per output pixel) for
+# which a folded bf16 conv runs in fp32 on a CPU without bf16 instructions: widening x and rounding
+# the result are a pass over memory each, which only a conv with this much arithmetic per element
+# makes up for (a few-channel conv is memory-bound either way).
+_WIDEN_MIN_MACS_PER_ELEMENT = 16
+
 # The op's activations as oneDNN's convolution post-ops (mkldnn::_convolution_pointwise's attr).
 _ONEDNN_ACTIVATIONS = {"identity": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
                        "hardswish": ("hardswish", [])}
@@ -472,30 +485,53 @@ class FusedConv2dBN(_FusedConv, nn.Conv2d):
             return y if name else act(y)
         return self._folded(x, sources, bn.eps, dtype, act)
 
+    def _widens_bf16(self, x, dtype, sources):
+        """Whether this conv of x in ``dtype`` runs in fp32 on x and the folded weight rounded to
+        bf16, then rounds its result to bf16: for bf16 on a CPU without bf16 instructions
+        (_CPU_MULTIPLIES_BF16), as oneDNN's fp32 convolution (_in_onednn), where the conv has
+        enough arithmetic per element it moves (_WIDEN_MIN_MACS_PER_ELEMENT). A product of two
+        bf16 values is exact in fp32, so that is the arithmetic of a bf16 conv with fp32 sums, the
+        one eager's runs on such a CPU too, and the result is rounded once after the bias and the
+        activation, as the bf16 convolution's post-ops round it."""
+        if dtype != torch.bfloat16 or _CPU_MULTIPLIES_BF16 or not self._in_onednn(x, torch.float32, sources):
+            return False
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        macs = self.out_channels * self.in_channels // self.groups * kh * kw
+        return macs >= _WIDEN_MIN_MACS_PER_ELEMENT * (self.in_channels * sh * sw + self.out_channels)
+
     def _folded(self, x, sources, eps, dtype, act):
         """act(bn(conv(x))) with the BatchNorm folded in float32, for x in dtype, the fold (and the
         weight in oneDNN's layout) cached per weight version where it may be. ``sources``: the
         conv's weight and bias, then the BatchNorm's _bn_sources; ``act``: a module or None."""
         versions = _versions(sources)
+        widened = self._widens_bf16(x, dtype, sources)
         # Kept with the fold, the weight in oneDNN's layout for this input size (a reorder has no
         # gradient, and traced it would run on every call: only for a cached fold). oneDNN lays out
         # a float32 weight for the precision its setting allows, which the key therefore holds.
-        input_size = (self._onednn_input_size(x) if versions is not None and self._in_onednn(x, dtype, ())
-                      else None)
-        precision = _fp32_precision() if input_size is not None and dtype == torch.float32 else None
+        input_size = (self._onednn_input_size(x)
+                      if versions is not None and (widened or self._in_onednn(x, dtype, ())) else None)
+        precision = (_fp32_precision() if input_size is not None and (dtype == torch.float32 or widened)
+                     else None)
 
         def make():
             weight, bias = fold_bn(sources[0], *sources[2:6], eps, sources[1])
             weight = weight.to(dtype if dtype in _HALF else x.dtype)
+            if widened:
+                weight = weight.float()  # rounded to bf16 as eager's weight is, then widened exactly
             bias = bias if dtype in _HALF else bias.to(x.dtype)
             return weight, bias, None if input_size is None else self._onednn_weight(weight, input_size)
 
         if versions is not None:
             weight, bias, onednn_weight = self._cached(
-                sources, versions + (eps, dtype, torch.is_inference_mode_enabled(), input_size, precision), make)
+                sources, versions + (eps, dtype, torch.is_inference_mode_enabled(), input_size, precision, widened),
+                make)
         else:
             weight, bias, onednn_weight = make()
-        if dtype in _HALF:
+        if widened:
+            # x rounded to bf16 as the bf16 conv would round it (under autocast it may come in fp32).
+            y, act = self._conv_in_onednn(x.to(dtype).float(), weight, bias, act, onednn_weight)
+            y = y.to(dtype)
+        elif dtype in _HALF:
             # Under autocast x may come in float32; the conv would cast it as eager's does.
             y, act = self._conv_with_float32_bias(x.to(dtype), weight, bias, act, onednn_weight)
         else:
