@@ -882,7 +882,8 @@ def test_folded_bf16_conv_in_fp32_is_the_bf16_operands_exact_result_rounded_once
     conv, bn = block.conv_pw, block.bn1
     x = randn(2, 24, 13, 11, seed=46).to(x_dtype).contiguous(memory_format=torch.channels_last)
     assert conv._widens_bf16(x, torch.bfloat16, ())
-    assert not shallow._widens_bf16(x[:, :16], torch.bfloat16, ())
+    assert not shallow._widens_bf16(torch.empty(2, 16, 13, 11).contiguous(memory_format=torch.channels_last),
+                                    torch.bfloat16, ())
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = conv(x, bn=bn)
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
