@@ -69,7 +69,7 @@ GRADIENT_UNITS = [
 ]
 
 
-# Both memory formats: on a CPU the pointwise conv's backward is GEMMs over channels-last rows and
+# Both memory formats: on a CPU the pointwise conv's weight gradient is a GEMM over channels-last rows and
 # eager's convolution backward otherwise (registration.pointwise_backward).
 LAYOUTS = ["channels_last", "nchw"]
 

@@ -7,7 +7,7 @@ steps instead of keeping it, which is where training through the fused op saves 
 instead, where a training step would rather spend the memory than a depthwise conv per unit. When
 act_out is not the identity, the pre-activation of the output is recomputed through the fused op
 itself, so that the activation's mask is the one the forward applied. On a CPU the pointwise
-conv's backward is two GEMMs (pointwise_backward) and the depthwise conv's the extension's
+conv's weight gradient is a GEMM (pointwise_backward) and the depthwise conv's backward the extension's
 (act_in's derivative and act_in(x) applied as x is read, so act_in(x) is never made); elsewhere
 both are eager's.
 """
@@ -35,24 +35,23 @@ def activation_backward(grad, pre, name):
 
 def pointwise_backward(grad, d, pw_weight, need_d, need_weight):
     """The gradients of the pointwise (1x1) conv ``pw_weight`` at its input ``d`` and at its weight
-    from ``grad`` at its output, each None where not needed. On a CPU, for channels-last float32
-    tensors, as two matrix products over the pixels' rows, ``at::mm``'s GEMM: oneDNN's 1x1
-    convolution backward, eager's, computes the weight's gradient markedly slower than a GEMM of the
-    same multiply-adds (README, CPU kernel). Elsewhere eager's convolution backward."""
+    from ``grad`` at its output, each None where not needed. The input's is eager's convolution
+    backward (oneDNN's backward-data on a CPU). On a CPU, for channels-last float32 tensors, the
+    weight's is a matrix product over the pixels' rows, ``at::mm``'s GEMM: oneDNN's 1x1 backward-weights
+    ran up to twice a GEMM's time on an Intel Xeon and level with it on an AMD EPYC, where the GEMM
+    took longer than oneDNN's backward-data for the input's (README, CPU kernel). Elsewhere the
+    weight's is eager's convolution backward too."""
     channels_last = torch.channels_last
-    if not (grad.device.type == "cpu" and grad.dtype == torch.float32 and d.dtype == torch.float32
-            and grad.is_contiguous(memory_format=channels_last) and d.is_contiguous(memory_format=channels_last)):
-        grad_d, grad_weight, _ = _conv_backward(grad, d, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                                                [need_d, need_weight, False])
-        return grad_d, grad_weight
-    n, out_channels, h, w = grad.shape
-    channels = d.shape[1]
-    grad_rows = grad.permute(0, 2, 3, 1).reshape(-1, out_channels)
+    weight_as_gemm = need_weight and (grad.device.type == "cpu" and grad.dtype == torch.float32
+                                      and d.dtype == torch.float32 and grad.is_contiguous(memory_format=channels_last)
+                                      and d.is_contiguous(memory_format=channels_last))
     grad_d = grad_weight = None
-    if need_d:
-        grad_d = torch.mm(grad_rows, pw_weight.reshape(out_channels, channels)).view(n, h, w, channels)
-        grad_d = grad_d.permute(0, 3, 1, 2)
-    if need_weight:
+    if need_d or (need_weight and not weight_as_gemm):
+        grad_d, grad_weight, _ = _conv_backward(grad, d, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
+                                                1, [need_d, need_weight and not weight_as_gemm, False])
+    if weight_as_gemm:
+        out_channels, channels = grad.shape[1], d.shape[1]
+        grad_rows = grad.permute(0, 2, 3, 1).reshape(-1, out_channels)
         d_rows = d.permute(0, 2, 3, 1).reshape(-1, channels)
         grad_weight = torch.mm(grad_rows.t(), d_rows).view(out_channels, channels, 1, 1)
     return grad_d, grad_weight
